@@ -1,0 +1,34 @@
+"""keras-paligemma2: PaliGemma 2 in Keras 3 on JAX, faithful to big_vision.
+
+Runs on the JAX backend only (the attention path uses JAX directly). Set
+`KERAS_BACKEND=jax` before importing Keras; under another backend, importing
+this package raises an ImportError saying so.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras  # noqa: E402
+
+if keras.config.backend() != "jax":
+    raise ImportError(
+        "keras_paligemma2 runs on the JAX backend only, but Keras is using "
+        f"the {keras.config.backend()!r} backend. Set the environment variable "
+        "KERAS_BACKEND=jax before Keras is first imported (or in "
+        "~/.keras/keras.json), then restart Python."
+    )
+
+from keras_paligemma2.backbone import PaliGemma2Backbone  # noqa: E402
+from keras_paligemma2.causal_lm import PaliGemma2CausalLM  # noqa: E402
+from keras_paligemma2.checkpoints.common import CheckpointError  # noqa: E402
+from keras_paligemma2.presets import list_presets  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "PaliGemma2Backbone",
+    "PaliGemma2CausalLM",
+    "list_presets",
+]

@@ -1,0 +1,107 @@
+"""Where `from_preset` goes: registered names, checkpoint files and directories.
+
+One module per foreign format (`big_vision.py`, `hf.py`), each a table from
+its tensor names to our variable paths; `common.py` reads and assigns.
+"""
+
+import inspect
+import json
+import os
+import zipfile
+
+import keras_hub
+
+from keras_paligemma2 import presets
+from keras_paligemma2.checkpoints import big_vision
+from keras_paligemma2.checkpoints import hf
+from keras_paligemma2.checkpoints.common import CheckpointError
+from keras_paligemma2.checkpoints.common import assign_weights
+from keras_paligemma2.checkpoints.common import read_npz_lazily
+
+
+def load_backbone(cls, preset, load_weights=True, **overrides):
+    """`PaliGemma2Backbone.from_preset`: see its docstring."""
+    preset = os.fspath(preset)
+    _check_overrides(cls, overrides)
+    if preset in presets.PRESETS:
+        config = {**presets.preset_config(preset), **overrides}
+        backbone = cls(**config)
+        if load_weights:
+            raise CheckpointError(
+                f"Downloading the released weights of {preset!r} is not "
+                "available in this version. Download the big_vision file "
+                f"(e.g. paligemma2-*-pt-*.b16.npz) and pass its path, or pass "
+                "load_weights=False to build the architecture only."
+            )
+        return backbone
+    if os.path.isfile(preset):
+        if not zipfile.is_zipfile(preset):
+            raise CheckpointError(
+                f"{preset!r} is not a big_vision checkpoint (an .npz zip of "
+                ".npy arrays). Supported: a big_vision .npz file, an HF "
+                "transformers directory (config.json + *.safetensors) or a "
+                "directory written by save_to_preset."
+            )
+        tensors = big_vision.strip_prefix(read_npz_lazily(preset))
+        config = {**big_vision.infer_config(tensors, preset), **overrides}
+        return _build_and_assign(cls, config, big_vision.rules, tensors, preset, load_weights)
+    if os.path.isdir(preset):
+        if hf.is_hf_directory(preset):
+            with open(os.path.join(preset, "config.json")) as f:
+                hf_config = json.load(f)
+            config = {**hf.infer_config(hf_config, preset), **overrides}
+            tensors = hf.read_tensors(preset) if load_weights else {}
+            return _build_and_assign(
+                cls, config, hf.rules, tensors, preset, load_weights, hf.TIED_OUTPUT
+            )
+        if _is_keras_preset(preset):
+            return keras_hub.models.Backbone.from_preset.__func__(
+                cls, preset, load_weights=load_weights, **overrides
+            )
+        raise CheckpointError(
+            f"{preset!r} is a directory but neither an HF transformers "
+            "PaliGemma checkpoint (config.json with model_type 'paligemma' "
+            "and *.safetensors) nor a Keras preset written by save_to_preset "
+            "(config.json + metadata.json)."
+        )
+    if "://" in preset:
+        return keras_hub.models.Backbone.from_preset.__func__(
+            cls, preset, load_weights=load_weights, **overrides
+        )
+    raise ValueError(presets.unknown_preset_message(preset))
+
+
+def load_task(cls, preset, load_weights=True, **overrides):
+    """`PaliGemma2CausalLM.from_preset`: see its docstring."""
+    path = os.fspath(preset)
+    if os.path.isdir(path) and _is_keras_preset(path) or "://" in path:
+        return keras_hub.models.CausalLM.from_preset.__func__(
+            cls, path, load_weights=load_weights, **overrides
+        )
+    backbone = load_backbone(cls.backbone_cls, path, load_weights, **overrides)
+    # None of these sources carries a tokenizer: called on backbone inputs.
+    return cls(backbone=backbone, preprocessor=None)
+
+
+def _build_and_assign(cls, config, rules_for, tensors, source, load_weights, ignored=()):
+    backbone = cls(**config)
+    if load_weights:
+        assign_weights(backbone, rules_for(backbone.get_config()), tensors, source, ignored)
+    return backbone
+
+
+def _check_overrides(cls, overrides):
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    accepted |= {"name", "trainable"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(
+            f"Unknown config overrides {unknown} for {cls.__name__}. "
+            f"Accepted: {sorted(accepted)}."
+        )
+
+
+def _is_keras_preset(path):
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
+        os.path.join(path, "metadata.json")
+    )

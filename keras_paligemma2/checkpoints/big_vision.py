@@ -1,0 +1,164 @@
+"""big_vision PaliGemma checkpoints (`paligemma2-*.b16.npz` and float32 `.npz`).
+
+Flat keys joined by `/` (usually under `params/`), layers stacked along a
+leading axis. Layouts equal ours except where noted in the table, so most
+rules only pick one layer. Default semantics for these files are
+big_vision's: no sliding window, no final soft-cap on scoring logits.
+"""
+
+import numpy as np
+
+from keras_paligemma2 import presets
+from keras_paligemma2.checkpoints.common import CheckpointError
+from keras_paligemma2.checkpoints.common import Rule
+from keras_paligemma2.checkpoints.common import layer_slice
+
+VIT = "img/Transformer/encoderblock/"
+LLM = "llm/layers/"
+
+# (our path inside `vision_encoder/block_{i}/`, big_vision key under VIT)
+VIT_BLOCK = (
+    ("attention_norm/gamma", "LayerNorm_0/scale"),
+    ("attention_norm/beta", "LayerNorm_0/bias"),
+    ("attention/query/kernel", "MultiHeadDotProductAttention_0/query/kernel"),
+    ("attention/query/bias", "MultiHeadDotProductAttention_0/query/bias"),
+    ("attention/key/kernel", "MultiHeadDotProductAttention_0/key/kernel"),
+    ("attention/key/bias", "MultiHeadDotProductAttention_0/key/bias"),
+    ("attention/value/kernel", "MultiHeadDotProductAttention_0/value/kernel"),
+    ("attention/value/bias", "MultiHeadDotProductAttention_0/value/bias"),
+    ("attention/output/kernel", "MultiHeadDotProductAttention_0/out/kernel"),
+    ("attention/output/bias", "MultiHeadDotProductAttention_0/out/bias"),
+    ("mlp_norm/gamma", "LayerNorm_1/scale"),
+    ("mlp_norm/beta", "LayerNorm_1/bias"),
+    ("mlp_in/kernel", "MlpBlock_0/Dense_0/kernel"),
+    ("mlp_in/bias", "MlpBlock_0/Dense_0/bias"),
+    ("mlp_out/kernel", "MlpBlock_0/Dense_1/kernel"),
+    ("mlp_out/bias", "MlpBlock_0/Dense_1/bias"),
+)
+
+# (our path inside `decoder_block_{i}/`, big_vision key under LLM, index
+# into the packed tensor or None). kv_einsum packs [0]=key, [1]=value;
+# gating_einsum packs [0]=gate (through GELU), [1]=up.
+DECODER_BLOCK = (
+    ("pre_attention_norm/scale", "pre_attention_norm/scale", None),
+    ("attention/query/kernel", "attn/q_einsum/w", None),
+    ("attention/key/kernel", "attn/kv_einsum/w", 0),
+    ("attention/value/kernel", "attn/kv_einsum/w", 1),
+    ("attention/output/kernel", "attn/attn_vec_einsum/w", None),
+    ("post_attention_norm/scale", "post_attention_norm/scale", None),
+    ("pre_ffw_norm/scale", "pre_ffw_norm/scale", None),
+    ("mlp/gate/kernel", "mlp/gating_einsum", 0),
+    ("mlp/up/kernel", "mlp/gating_einsum", 1),
+    ("mlp/down/kernel", "mlp/linear", None),
+    ("post_ffw_norm/scale", "post_ffw_norm/scale", None),
+)
+
+
+def rules(config):
+    """The full table from big_vision keys to our variable paths."""
+    table = [
+        Rule("vision_encoder/patch_embedding/kernel", "img/embedding/kernel"),
+        Rule("vision_encoder/patch_embedding/bias", "img/embedding/bias"),
+        # big_vision keeps a leading batch axis of 1: (1, P, W).
+        Rule("vision_encoder/position_embedding", "img/pos_embedding", lambda x: x[0]),
+        Rule("vision_encoder/encoder_norm/gamma", "img/Transformer/encoder_norm/scale"),
+        Rule("vision_encoder/encoder_norm/beta", "img/Transformer/encoder_norm/bias"),
+        Rule("image_projection/kernel", "img/head/kernel"),
+        Rule("image_projection/bias", "img/head/bias"),
+        Rule("token_embedding/embeddings", "llm/embedder/input_embedding"),
+        Rule("final_norm/scale", "llm/final_norm/scale"),
+    ]
+    for i in range(config["vit_num_layers"]):
+        for ours, theirs in VIT_BLOCK:
+            table.append(
+                Rule(f"vision_encoder/block_{i}/{ours}", VIT + theirs, layer_slice(i))
+            )
+    for i in range(config["num_layers"]):
+        for ours, theirs, packed in DECODER_BLOCK:
+            convert = layer_slice(i)
+            if packed is not None:
+                convert = lambda x, i=i, p=packed: x[i, p]
+            table.append(Rule(f"decoder_block_{i}/{ours}", LLM + theirs, convert))
+    return table
+
+
+def strip_prefix(tensors):
+    """Drops the `params/` prefix the released files carry."""
+    if any(k.startswith("params/") for k in tensors):
+        return {k[len("params/") :] if k.startswith("params/") else k: v for k, v in tensors.items()}
+    return dict(tensors)
+
+
+def infer_config(tensors, source_name):
+    """Backbone config from tensor shapes, with big_vision's semantics.
+
+    Shapes tell everything but the query scale and the soft-caps: those come
+    from the matching released size when the shapes are one of 3B/10B/28B
+    (28B scales queries by 1/sqrt(144)), else from Gemma 2's defaults
+    (query_pre_attn_scalar = head_dim, attention soft-cap 50).
+    """
+    needed = {
+        "img/embedding/kernel": 4,
+        "img/pos_embedding": 3,
+        VIT + "MultiHeadDotProductAttention_0/query/kernel": 4,
+        VIT + "MlpBlock_0/Dense_0/kernel": 3,
+        "llm/embedder/input_embedding": 2,
+        LLM + "attn/q_einsum/w": 4,
+        LLM + "attn/kv_einsum/w": 5,
+        LLM + "mlp/gating_einsum": 4,
+    }
+    missing = [k for k in needed if k not in tensors]
+    wrong_rank = [
+        f"{k} {tuple(tensors[k].shape)}"
+        for k, rank in needed.items()
+        if k in tensors and len(tensors[k].shape) != rank
+    ]
+    if missing or wrong_rank:
+        if LLM + "attn/qkv_einsum/w" in tensors:
+            missing.append(
+                "(this file packs q/k/v in `qkv_einsum`, a Gemma 1 layout "
+                "with as many kv heads as query heads: not a PaliGemma 2 "
+                "checkpoint)"
+            )
+        raise CheckpointError(
+            f"{source_name!r} is not a PaliGemma 2 big_vision checkpoint: "
+            f"missing {missing or 'nothing'}; unexpected ranks "
+            f"{wrong_rank or 'none'}."
+        )
+    patch, _, _, vit_width = tensors["img/embedding/kernel"].shape
+    num_patches = tensors["img/pos_embedding"].shape[1]
+    side = int(round(np.sqrt(num_patches)))
+    if side * side != num_patches:
+        raise CheckpointError(
+            f"{source_name!r}: img/pos_embedding has {num_patches} positions, "
+            "not a square grid of patches."
+        )
+    vit_layers, _, vit_heads, _ = tensors[VIT + "MultiHeadDotProductAttention_0/query/kernel"].shape
+    vit_mlp = tensors[VIT + "MlpBlock_0/Dense_0/kernel"].shape[-1]
+    vocabulary, hidden = tensors["llm/embedder/input_embedding"].shape
+    layers, heads, _, head_dim = tensors[LLM + "attn/q_einsum/w"].shape
+    kv_heads = tensors[LLM + "attn/kv_einsum/w"].shape[2]
+    intermediate = tensors[LLM + "mlp/gating_einsum"].shape[-1]
+    config = dict(
+        image_size=side * patch,
+        patch_size=patch,
+        vit_hidden_dim=vit_width,
+        vit_num_layers=vit_layers,
+        vit_num_heads=vit_heads,
+        vit_intermediate_dim=vit_mlp,
+        vocabulary_size=vocabulary,
+        num_layers=layers,
+        hidden_dim=hidden,
+        num_query_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_dim=intermediate,
+        query_pre_attn_scalar=head_dim,
+        attention_logit_soft_cap=50.0,
+        final_logit_soft_cap=None,
+        sliding_window_size=None,
+    )
+    size = presets.known_decoder(config)
+    if size is not None:
+        config["query_pre_attn_scalar"] = presets.DECODERS[size]["query_pre_attn_scalar"]
+    return config

@@ -1,0 +1,39 @@
+import os
+
+# Before anything imports Keras: the package runs on JAX; 8 simulated CPU
+# devices let sharding tests build meshes.
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+TINY_CONFIG = dict(
+    image_size=28,
+    patch_size=14,
+    vit_hidden_dim=16,
+    vit_num_layers=2,
+    vit_num_heads=2,
+    vit_intermediate_dim=32,
+    vocabulary_size=64,
+    num_layers=2,
+    hidden_dim=32,
+    num_query_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_dim=48,
+)
+
+
+@pytest.fixture
+def fixtures_dir():
+    return FIXTURES
+
+
+@pytest.fixture
+def tiny_config():
+    return dict(TINY_CONFIG)

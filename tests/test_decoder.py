@@ -1,0 +1,101 @@
+"""Gemma 2 decoder layers against numpy_reference."""
+
+import keras
+import numpy as np
+
+import numpy_reference as ref
+from keras_paligemma2.decoder import DecoderBlock
+from keras_paligemma2.decoder import GatedMLP
+from keras_paligemma2.decoder import RMSNorm
+from keras_paligemma2.decoder import TokenEmbedding
+
+rng = np.random.default_rng(1)
+
+
+def _randomize(layer, scale=0.3):
+    for v in layer.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32") * scale)
+
+
+def test_rms_norm_uses_one_plus_scale():
+    x = rng.normal(size=(2, 3, 16)).astype("float32") * 5
+    norm = RMSNorm(epsilon=1e-6)
+    norm.build(x.shape)
+    _randomize(norm)
+    want = ref.rms_norm(x, np.asarray(norm.scale))
+    np.testing.assert_allclose(np.asarray(norm(x)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_mlp_is_geglu():
+    x = rng.normal(size=(2, 3, 16)).astype("float32")
+    mlp = GatedMLP(24)
+    mlp.build(x.shape)
+    _randomize(mlp)
+    gate, up, down = (np.asarray(l.kernel) for l in (mlp.gate, mlp.up, mlp.down))
+    want = (ref.gelu_tanh(x @ gate) * (x @ up)) @ down
+    np.testing.assert_allclose(np.asarray(mlp(x)), want, rtol=1e-4, atol=1e-5)
+
+
+def test_token_embedding_scales_and_ties():
+    emb = TokenEmbedding(10, 16)
+    emb.build()
+    ids = np.array([[1, 2, 9]])
+    table = np.asarray(emb.embeddings)
+    np.testing.assert_allclose(np.asarray(emb(ids)), table[ids] * 4.0, rtol=1e-6)
+    x = rng.normal(size=(1, 3, 16)).astype("float32")
+    logits = emb(x, reverse=True)
+    assert str(logits.dtype) == "float32"
+    np.testing.assert_allclose(np.asarray(logits), x @ table.T, rtol=1e-5, atol=1e-5)
+
+
+def _block_reference(block, x, positions, mask):
+    def kernel(layer):
+        return np.asarray(layer.kernel, np.float64)
+
+    att = block.attention
+    h = ref.rms_norm(x, np.asarray(block.pre_attention_norm.scale))
+    q = np.einsum("btd,ndh->btnh", h, kernel(att.query))
+    k = np.einsum("btd,kdh->btkh", h, kernel(att.key))
+    v = np.einsum("btd,kdh->btkh", h, kernel(att.value))
+    q = ref.rope(q, positions) * block.query_pre_attn_scalar**-0.5
+    k = ref.rope(k, positions)
+    o = ref.attention(q, k, v, mask, block.attention_logit_soft_cap)
+    o = np.einsum("btnh,nhd->btd", o, kernel(att.output_projection))
+    x = x + ref.rms_norm(o, np.asarray(block.post_attention_norm.scale))
+    h = ref.rms_norm(x, np.asarray(block.pre_ffw_norm.scale))
+    mlp = block.mlp
+    m = (ref.gelu_tanh(h @ kernel(mlp.gate)) * (h @ kernel(mlp.up))) @ kernel(mlp.down)
+    return x + ref.rms_norm(m, np.asarray(block.post_ffw_norm.scale))
+
+
+def test_decoder_block_matches_reference():
+    # query_pre_attn_scalar differs from head_dim, as in the 28B model.
+    block = DecoderBlock(
+        num_query_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_dim=24,
+        query_pre_attn_scalar=20,
+        attention_logit_soft_cap=3.0,
+    )
+    x = rng.normal(size=(2, 6, 16)).astype("float32")
+    block.build(x.shape)
+    _randomize(block)
+    positions = np.tile(np.arange(6), (2, 1))
+    valid = np.ones((2, 6), int)
+    mask_ar = np.array([[0, 0, 0, 1, 1, 1]] * 2)
+    mask = ref.prefix_lm_mask(valid, mask_ar)
+    got = np.asarray(block(x, positions, mask))
+    want = _block_reference(block, x.astype(np.float64), positions, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_projections_are_lora_and_int8_ready():
+    block = DecoderBlock(4, 2, 8, 24, query_pre_attn_scalar=8)
+    block.build((None, None, 16))
+    for layer in (block.attention.query, block.mlp.gate):
+        assert isinstance(layer, (keras.layers.EinsumDense, keras.layers.Dense))
+    block.attention.query.enable_lora(2)
+    assert block.attention.query.lora_enabled
+    block.mlp.gate.quantize("int8")
+    assert str(block.mlp.gate._kernel.dtype) == "int8"
