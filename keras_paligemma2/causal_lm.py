@@ -5,6 +5,7 @@ import keras_hub
 from keras import ops
 
 from keras_paligemma2.backbone import PaliGemma2Backbone
+from keras_paligemma2.backbone import validate_backbone_inputs
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma2")
@@ -68,6 +69,10 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         if cap:
             logits = ops.tanh(logits / cap) * cap
         return logits
+
+    def __call__(self, inputs, *args, **kwargs):
+        validate_backbone_inputs(inputs, self.backbone.image_size)
+        return super().__call__(inputs, *args, **kwargs)
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **overrides):

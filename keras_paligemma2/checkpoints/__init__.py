@@ -24,8 +24,6 @@ def load_backbone(cls, preset, load_weights=True, **overrides):
     preset = os.fspath(preset)
     _check_overrides(cls, overrides)
     if preset in presets.PRESETS:
-        config = {**presets.preset_config(preset), **overrides}
-        backbone = cls(**config)
         if load_weights:
             raise CheckpointError(
                 f"Downloading the released weights of {preset!r} is not "
@@ -33,9 +31,16 @@ def load_backbone(cls, preset, load_weights=True, **overrides):
                 f"(e.g. paligemma2-*-pt-*.b16.npz) and pass its path, or pass "
                 "load_weights=False to build the architecture only."
             )
-        return backbone
+        return cls(**{**presets.preset_config(preset), **overrides})
     if os.path.isfile(preset):
         if not zipfile.is_zipfile(preset):
+            with open(preset, "rb") as f:
+                if f.read(4) == b"PK\x03\x04":
+                    raise CheckpointError(
+                        f"{preset!r} starts like an .npz (zip) file but its "
+                        "directory is missing: the file is truncated or "
+                        "corrupt. Download it again."
+                    )
             raise CheckpointError(
                 f"{preset!r} is not a big_vision checkpoint (an .npz zip of "
                 ".npy arrays). Supported: a big_vision .npz file, an HF "

@@ -1,0 +1,161 @@
+"""HF transformers checkpoints give HF's own logits (hf_tiny fixture)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from safetensors.numpy import save_file
+
+from keras_paligemma2 import CheckpointError
+from keras_paligemma2 import PaliGemma2Backbone
+from keras_paligemma2 import PaliGemma2CausalLM
+
+NUM_IMAGE_TOKENS = 9
+# The fixture's vocabulary is 1030 with the `<image>` placeholder at 1029;
+# as with the real 257,152-token vocabulary, the model keeps the rows below
+# the placeholder, so logits are compared over those 1029 columns.
+VOCABULARY = 1029
+
+
+@pytest.fixture
+def hf_dir(fixtures_dir):
+    return fixtures_dir / "hf_tiny"
+
+
+@pytest.fixture
+def reference(hf_dir):
+    return np.load(hf_dir / "reference_outputs.npz")
+
+
+def _inputs(reference, name):
+    ids = reference[f"{name}_input_ids"][:, NUM_IMAGE_TOKENS:]
+    return {
+        "images": reference["pixel_values"].transpose(0, 2, 3, 1),
+        "token_ids": ids,
+        "padding_mask": np.ones_like(ids),
+        "response_mask": reference[f"{name}_token_type_ids"][:, NUM_IMAGE_TOKENS:],
+    }
+
+
+def _want(reference, name):
+    return reference[f"{name}_logits"][:, NUM_IMAGE_TOKENS:, :VOCABULARY]
+
+
+@pytest.fixture
+def hf_lm(hf_dir):
+    return PaliGemma2CausalLM.from_preset(hf_dir)
+
+
+def test_config_follows_hf_semantics(hf_lm):
+    config = hf_lm.backbone.get_config()
+    assert config["final_logit_soft_cap"] == 30.0
+    assert config["sliding_window_size"] == 20
+    assert config["query_pre_attn_scalar"] == 12
+    assert config["vocabulary_size"] == VOCABULARY
+
+
+@pytest.mark.parametrize("name", ["short", "long"])
+def test_logits_match_hf(hf_lm, reference, name):
+    logits = np.asarray(hf_lm(_inputs(reference, name)))
+    assert np.abs(logits - _want(reference, name)).max() < 1e-4  # Reached: 7e-6.
+
+
+def test_long_sequence_needs_the_window(hf_dir, reference):
+    # Without HF's sliding window, the 24-token sequence differs: the window
+    # path above is really exercised.
+    lm = PaliGemma2CausalLM.from_preset(hf_dir, sliding_window_size=None)
+    long_logits = np.asarray(lm(_inputs(reference, "long")))
+    assert np.abs(long_logits - _want(reference, "long")).max() > 1e-3
+    short_logits = np.asarray(lm(_inputs(reference, "short")))
+    assert np.abs(short_logits - _want(reference, "short")).max() < 1e-4
+
+
+def _respell(hf_dir, tmp_path, rename, extra=None, drop=()):
+    target = tmp_path / "respelled"
+    target.mkdir()
+    shutil.copy(hf_dir / "config.json", target / "config.json")
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors = {rename(k): v for k, v in tensors.items() if k not in drop}
+    tensors.update(extra or {})
+    # Split in two shards, as the Hub's larger checkpoints are.
+    names = sorted(tensors)
+    save_file({k: tensors[k] for k in names[::2]}, target / "model-00001-of-00002.safetensors")
+    save_file({k: tensors[k] for k in names[1::2]}, target / "model-00002-of-00002.safetensors")
+    return target
+
+
+def _transformers_4_5x(name):
+    for old, new in (
+        ("vision_tower.vision_model.", "model.vision_tower.vision_model."),
+        ("language_model.model.", "model.language_model."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ):
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+def _no_vision_model(name):
+    return name.replace("vision_tower.vision_model.", "vision_tower.")
+
+
+@pytest.mark.parametrize("rename", [_transformers_4_5x, _no_vision_model])
+def test_every_key_spelling_loads(hf_dir, reference, tmp_path, rename):
+    tensors = load_file(hf_dir / "model.safetensors")
+    embedding_name = rename("language_model.model.embed_tokens.weight")
+    padded = np.concatenate([tensors["language_model.model.embed_tokens.weight"], np.ones((64, 48), np.float32)])
+    path = _respell(
+        hf_dir,
+        tmp_path,
+        rename,
+        extra={embedding_name: padded, "lm_head.weight": padded},
+    )
+    lm = PaliGemma2CausalLM.from_preset(path)
+    logits = np.asarray(lm(_inputs(reference, "short")))
+    assert np.abs(logits - _want(reference, "short")).max() < 1e-4
+
+
+def test_missing_and_unknown_tensors_are_named(hf_dir, tmp_path):
+    path = _respell(
+        hf_dir,
+        tmp_path,
+        lambda k: k,
+        extra={"language_model.model.layers.0.self_attn.q_norm.weight": np.zeros(12, np.float32)},
+        drop=["language_model.model.layers.1.mlp.up_proj.weight"],
+    )
+    with pytest.raises(CheckpointError) as error:
+        PaliGemma2Backbone.from_preset(path)
+    message = str(error.value)
+    assert "text.layers.1.mlp.up_proj.weight" in message
+    assert "text.layers.0.self_attn.q_norm.weight" in message
+
+
+def test_directory_without_weights(hf_dir, tmp_path):
+    shutil.copy(hf_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        PaliGemma2Backbone.from_preset(tmp_path)
+
+
+def test_corrupt_safetensors(hf_dir, tmp_path):
+    shutil.copy(hf_dir / "config.json", tmp_path / "config.json")
+    data = (hf_dir / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        PaliGemma2Backbone.from_preset(tmp_path)
+
+
+def test_non_gemma2_language_model_is_refused(hf_dir, tmp_path):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["text_config"]["model_type"] = "gemma"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(hf_dir / "model.safetensors", tmp_path)
+    with pytest.raises(CheckpointError, match="only PaliGemma 2"):
+        PaliGemma2Backbone.from_preset(tmp_path)
+
+
+def test_unknown_directory(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="neither an HF transformers"):
+        PaliGemma2Backbone.from_preset(tmp_path)
