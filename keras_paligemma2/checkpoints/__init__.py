@@ -9,11 +9,13 @@ import json
 import os
 import zipfile
 
+import keras
 import keras_hub
 
 from keras_paligemma2 import presets
 from keras_paligemma2.checkpoints import big_vision
 from keras_paligemma2.checkpoints import hf
+from keras_paligemma2.checkpoints import keras_hub_preset
 from keras_paligemma2.checkpoints.common import CheckpointError
 from keras_paligemma2.checkpoints.common import assign_weights
 from keras_paligemma2.checkpoints.common import read_npz_lazily
@@ -60,9 +62,7 @@ def load_backbone(cls, preset, load_weights=True, **overrides):
                 cls, config, hf.rules, tensors, preset, load_weights, hf.TIED_OUTPUT
             )
         if _is_keras_preset(preset):
-            return keras_hub.models.Backbone.from_preset.__func__(
-                cls, preset, load_weights=load_weights, **overrides
-            )
+            return _load_keras_preset(cls, preset, load_weights, overrides)
         raise CheckpointError(
             f"{preset!r} is a directory but neither an HF transformers "
             "PaliGemma checkpoint (config.json with model_type 'paligemma' "
@@ -70,21 +70,66 @@ def load_backbone(cls, preset, load_weights=True, **overrides):
             "(config.json + metadata.json)."
         )
     if "://" in preset:
+        return _load_keras_preset(cls, preset, load_weights, overrides)
+    raise ValueError(presets.unknown_preset_message(preset))
+
+
+def _keras_preset_class(preset):
+    """The registered class name in a Keras preset's config.json."""
+    # keras-hub's own file access: local directories, kaggle://, hf://, gs://.
+    from keras_hub.src.utils.preset_utils import load_json
+
+    return load_json(preset).get("class_name")
+
+
+def _keep_saved_dtype(preset, overrides):
+    """keras-hub loads presets in the default float type; we keep the saved
+    one (a bfloat16 preset stays bfloat16) unless `dtype` is overridden."""
+    from keras_hub.src.utils.preset_utils import load_json
+
+    saved = load_json(preset)["config"].get("dtype")
+    if "dtype" in overrides or saved is None:
+        return overrides
+    return {**overrides, "dtype": keras.dtype_policies.deserialize(saved)}
+
+
+def _load_keras_preset(cls, preset, load_weights, overrides):
+    class_name = _keras_preset_class(preset)
+    if class_name == cls.__name__:
+        overrides = _keep_saved_dtype(preset, overrides)
         return keras_hub.models.Backbone.from_preset.__func__(
             cls, preset, load_weights=load_weights, **overrides
         )
-    raise ValueError(presets.unknown_preset_message(preset))
+    if class_name != "PaliGemmaBackbone":
+        raise CheckpointError(
+            f"{preset!r} holds a keras-hub {class_name}, not a PaliGemma "
+            "backbone."
+        )
+    source = keras_hub.models.PaliGemmaBackbone.from_preset(
+        preset, load_weights=load_weights
+    )
+    config = {
+        **keras_hub_preset.infer_config(source.get_config(), preset),
+        **overrides,
+    }
+    tensors = keras_hub_preset.read_tensors(source) if load_weights else {}
+    return _build_and_assign(
+        cls, config, keras_hub_preset.rules, tensors, preset, load_weights
+    )
 
 
 def load_task(cls, preset, load_weights=True, **overrides):
     """`PaliGemma2CausalLM.from_preset`: see its docstring."""
     path = os.fspath(preset)
-    if os.path.isdir(path) and _is_keras_preset(path) or "://" in path:
+    keras_preset = os.path.isdir(path) and _is_keras_preset(path) or "://" in path
+    if keras_preset and _keras_preset_class(path) == cls.backbone_cls.__name__:
+        overrides = _keep_saved_dtype(path, overrides)
         return keras_hub.models.CausalLM.from_preset.__func__(
             cls, path, load_weights=load_weights, **overrides
         )
     backbone = load_backbone(cls.backbone_cls, path, load_weights, **overrides)
-    # None of these sources carries a tokenizer: called on backbone inputs.
+    # Tokenizers are not read from checkpoints yet: the task takes backbone
+    # inputs (token ids).
     return cls(backbone=backbone, preprocessor=None)
 
 

@@ -1,0 +1,112 @@
+"""keras-hub PaliGemma presets convert into ours; our own presets round-trip."""
+
+import json
+
+import keras_hub
+import numpy as np
+import pytest
+
+from keras_paligemma2 import CheckpointError
+from keras_paligemma2 import PaliGemma2Backbone
+from keras_paligemma2 import PaliGemma2CausalLM
+from keras_paligemma2.checkpoints import keras_hub_preset
+
+rng = np.random.default_rng(4)
+
+KERAS_HUB_TINY = dict(
+    vocabulary_size=64,
+    image_size=28,
+    num_layers=2,
+    num_query_heads=4,
+    num_key_value_heads=2,
+    hidden_dim=32,
+    intermediate_dim=96,  # keras-hub counts both GeGLU halves: ours is 48.
+    head_dim=8,
+    vit_patch_size=14,
+    vit_num_heads=2,
+    vit_hidden_dim=16,
+    vit_num_layers=2,
+    vit_intermediate_dim=24,
+    use_post_ffw_norm=True,
+    use_post_attention_norm=True,
+    attention_logit_soft_cap=50.0,
+    final_logit_soft_cap=30.0,
+    query_head_dim_normalize=True,
+)
+
+
+def _inputs():
+    return {
+        "images": rng.uniform(-1, 1, (2, 28, 28, 3)).astype("float32"),
+        "token_ids": rng.integers(1, 64, (2, 6)).astype("int32"),
+        "padding_mask": np.array([[1] * 6, [1] * 4 + [0] * 2], "int32"),
+        "response_mask": np.array([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0]], "int32"),
+    }
+
+
+@pytest.fixture
+def saved_keras_hub_preset(tmp_path):
+    source = keras_hub.models.PaliGemmaBackbone(**KERAS_HUB_TINY)
+    for v in source.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32") * 0.2)
+    path = tmp_path / "keras_hub_preset"
+    source.save_to_preset(str(path))
+    return source, path
+
+
+def test_keras_hub_preset_gives_the_same_hidden_states(saved_keras_hub_preset):
+    source, path = saved_keras_hub_preset
+    ours = PaliGemma2Backbone.from_preset(path)
+    inputs = _inputs()
+    want = np.asarray(source(inputs))
+    got = np.asarray(ours(inputs))
+    real = np.concatenate([np.ones((2, 4)), inputs["padding_mask"]], 1).astype(bool)
+    assert np.abs(got[real] - want[real]).max() < 1e-4
+    config = ours.get_config()
+    assert config["intermediate_dim"] == 48
+    assert config["final_logit_soft_cap"] == 30.0  # keras-hub's semantics kept.
+    lm = PaliGemma2CausalLM.from_preset(path)
+    assert lm.preprocessor is None
+
+
+def test_28b_query_scale_is_fixed_on_the_way_in():
+    config = dict(KERAS_HUB_TINY)
+    config.update(
+        num_layers=46, hidden_dim=4608, num_query_heads=32, num_key_value_heads=16,
+        head_dim=128, intermediate_dim=2 * 36864, query_head_dim_normalize=True,
+    )
+    ours = keras_hub_preset.infer_config(config, "pali_gemma2_pt_28b_224")
+    assert ours["query_pre_attn_scalar"] == 144  # keras-hub would use 128.
+
+
+def test_paligemma_1_preset_is_refused():
+    config = {**KERAS_HUB_TINY, "use_post_ffw_norm": False}
+    with pytest.raises(CheckpointError, match="PaliGemma 1"):
+        keras_hub_preset.infer_config(config, "pali_gemma_3b_224")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_save_to_preset_round_trip_is_bit_exact(tiny_config, tmp_path, dtype):
+    backbone = PaliGemma2Backbone(**tiny_config, dtype=dtype)
+    for v in backbone.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    backbone.save_to_preset(str(tmp_path / "ours"))
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["class_name"] == "PaliGemma2Backbone"
+    restored = PaliGemma2Backbone.from_preset(tmp_path / "ours")
+    assert restored.get_config() == backbone.get_config()
+    for a, b in zip(backbone.weights, restored.weights):
+        assert a.path == b.path and str(a.dtype) == str(b.dtype) == dtype
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    lm = PaliGemma2CausalLM(backbone)
+    lm.save_to_preset(str(tmp_path / "task"))
+    restored_lm = PaliGemma2CausalLM.from_preset(tmp_path / "task")
+    assert isinstance(restored_lm, PaliGemma2CausalLM)
+
+
+def test_task_preset_keeps_bfloat16(tiny_config, tmp_path):
+    lm = PaliGemma2CausalLM(PaliGemma2Backbone(**tiny_config, dtype="bfloat16"))
+    lm.save_to_preset(str(tmp_path / "task"))
+    restored = PaliGemma2CausalLM.from_preset(tmp_path / "task")
+    assert str(restored.backbone.token_embedding.embeddings.dtype) == "bfloat16"
+    as_float32 = PaliGemma2CausalLM.from_preset(tmp_path / "task", dtype="float32")
+    assert str(as_float32.backbone.token_embedding.embeddings.dtype) == "float32"
