@@ -17,7 +17,7 @@ from keras_paligemma2.checkpoints import big_vision
 from keras_paligemma2.checkpoints import hf
 from keras_paligemma2.checkpoints import keras_hub_preset
 from keras_paligemma2.checkpoints.common import CheckpointError
-from keras_paligemma2.checkpoints.common import assign_weights
+from keras_paligemma2.checkpoints.common import load_model
 from keras_paligemma2.checkpoints.common import read_npz_lazily
 
 
@@ -134,10 +134,9 @@ def load_task(cls, preset, load_weights=True, **overrides):
 
 
 def _build_and_assign(cls, config, rules_for, tensors, source, load_weights, ignored=()):
-    backbone = cls(**config)
-    if load_weights:
-        assign_weights(backbone, rules_for(backbone.get_config()), tensors, source, ignored)
-    return backbone
+    if not load_weights:
+        return cls(**config)
+    return load_model(cls, config, rules_for, tensors, source, ignored)
 
 
 def _check_overrides(cls, overrides):

@@ -15,12 +15,9 @@ import glob
 import json
 import os
 
-import ml_dtypes  # noqa: F401  (lets safetensors hand out bfloat16 arrays)
-from safetensors import safe_open
-
 from keras_paligemma2.checkpoints.common import CheckpointError
-from keras_paligemma2.checkpoints.common import LazyTensor
 from keras_paligemma2.checkpoints.common import Rule
+from keras_paligemma2.checkpoints.common import read_safetensors_lazily
 
 # Longest spellings first: the first matching prefix wins.
 PREFIXES = (
@@ -70,21 +67,8 @@ def read_tensors(directory):
         )
     tensors = {}
     for path in files:
-        try:
-            handle = safe_open(path, framework="numpy")
-            names = handle.keys()
-        except Exception as error:  # safetensors raises its own error types.
-            raise CheckpointError(
-                f"Cannot read {path!r} as safetensors ({error}). The file may "
-                "be truncated or corrupt: download it again."
-            ) from error
-        for name in names:
-            tensor_slice = handle.get_slice(name)
-            tensors[canonical_name(name)] = LazyTensor(
-                tensor_slice.get_shape(),
-                tensor_slice.get_dtype(),
-                lambda handle=handle, name=name: handle.get_tensor(name),
-            )
+        for name, tensor in read_safetensors_lazily(path).items():
+            tensors[canonical_name(name)] = tensor
     return tensors
 
 
