@@ -264,22 +264,34 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         return config
 
     @classmethod
-    def from_preset(cls, preset, load_weights=True, **overrides):
+    def from_preset(cls, preset, load_weights=True, source=None, **overrides):
         """Builds the backbone from a preset name, checkpoint file or directory.
 
         `preset` may be:
         - a registered name (`keras_paligemma2.list_presets()`), e.g.
-          `"pg2_10b_224"`; with `load_weights=False` only the architecture;
+          `"pg2_10b_224"`: the released weights are downloaded from
+          `source`, `"big_vision"` (default: the `.b16.npz` the weights were
+          trained with, from the Hugging Face Hub), `"transformers"` (the HF
+          repository's safetensors) or `"keras_hub"` (keras-hub's Kaggle
+          preset). With `load_weights=False`, only the architecture.
         - a big_vision checkpoint `path/to/file.npz` (float32 or `.b16`);
         - an HF transformers directory (`config.json` + `*.safetensors`);
-        - a Keras preset directory written by `save_to_preset`.
+        - a Keras preset directory written by `save_to_preset`, a keras-hub
+          PaliGemma 2 preset directory, or a `kaggle://` handle of either.
+
+        The weights are gated: accept the Gemma licence on the model page,
+        then log in (`hf auth login` or HF_TOKEN; Kaggle credentials for
+        `kaggle://`). Loading streams: each tensor is read from its memory
+        map straight into its variable, in the variable's dtype.
 
         `overrides` replace config values (e.g. `dtype="bfloat16"`,
         `query_pre_attn_scalar=144`), for what tensor shapes cannot tell.
         """
         from keras_paligemma2.checkpoints import load_backbone
 
-        return load_backbone(cls, preset, load_weights=load_weights, **overrides)
+        return load_backbone(
+            cls, preset, load_weights=load_weights, source=source, **overrides
+        )
 
 
 _BACKBONE_INPUTS = ("images", "token_ids", "padding_mask", "response_mask")

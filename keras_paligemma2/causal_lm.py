@@ -75,7 +75,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         return super().__call__(inputs, *args, **kwargs)
 
     @classmethod
-    def from_preset(cls, preset, load_weights=True, **overrides):
+    def from_preset(cls, preset, load_weights=True, source=None, **overrides):
         """Builds the task from a preset name, checkpoint file or directory.
 
         Accepts what `PaliGemma2Backbone.from_preset` accepts. Checkpoints
@@ -85,4 +85,6 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         """
         from keras_paligemma2.checkpoints import load_task
 
-        return load_task(cls, preset, load_weights=load_weights, **overrides)
+        return load_task(
+            cls, preset, load_weights=load_weights, source=source, **overrides
+        )

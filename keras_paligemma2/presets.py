@@ -1,8 +1,9 @@
-"""Registered presets: the released PaliGemma 2 architectures, as data.
+"""Registered presets: every released PaliGemma 2 checkpoint, as data.
 
-Each preset's `config` is the `PaliGemma2Backbone` config with big_vision's
-semantics (no final logit soft-cap on scoring logits, no sliding window),
-since the released weights were trained with big_vision.
+Each preset has a `config` (the `PaliGemma2Backbone` config with big_vision's
+semantics: no final logit soft-cap on scoring logits, no sliding window,
+since the released weights were trained with big_vision) and its `sources`
+on the Hugging Face Hub and Kaggle.
 """
 
 import difflib
@@ -59,24 +60,78 @@ COMMON = dict(
     rope_max_wavelength=10_000,
 )
 
-RESOLUTIONS = (224, 448, 896)
-
-PRESETS = {
-    f"pg2_{size}_{resolution}": {
-        "description": (
-            f"PaliGemma 2 {size.upper()} pretrained at {resolution}x"
-            f"{resolution} px ({(resolution // 14) ** 2} image tokens)."
-        ),
-        "config": {
-            "image_size": resolution,
-            **SIGLIP_SO400M,
-            **DECODERS[size],
-            **COMMON,
-        },
-    }
-    for size in DECODERS
-    for resolution in RESOLUTIONS
+# keras-hub's Kaggle handles (its `pali_gemma_presets.py`, keras-hub 0.32).
+KERAS_HUB_HANDLES = {
+    "pt_3b_224": "pali_gemma2_pt_3b_224/2",
+    "pt_3b_448": "pali_gemma2_pt_3b_448/2",
+    "pt_3b_896": "pali_gemma2_pt_3b_896/2",
+    "pt_10b_224": "pali_gemma2_pt_10b_224/3",
+    "pt_10b_448": "pali_gemma2_pt_10b_448/3",
+    "pt_10b_896": "pali_gemma2_pt_10b_896/3",
+    "pt_28b_224": "pali_gemma2_pt_28b_224/4",
+    "pt_28b_448": "pali_gemma2_pt_28b_448/3",
+    "pt_28b_896": "pali_gemma2_pt_28b_896/3",
+    "mix_3b_224": "pali_gemma2_mix_3b_224/2",
+    "mix_3b_448": "pali_gemma2_mix_3b_448/2",
+    "mix_10b_224": "pali_gemma2_mix_10b_224/3",
+    "mix_10b_448": "pali_gemma2_mix_10b_448/3",
+    "mix_28b_224": "pali_gemma2_28b_mix_224/3",
+    "mix_28b_448": "pali_gemma2_28b_mix_448/3",
+    "docci_3b_448": "pali_gemma_2_ft_docci_3b_448/2",
+    "docci_10b_448": "pali_gemma2_ft_docci_10b_448/3",
 }
+
+# (kind, sizes, resolutions, what the checkpoints are)
+FAMILIES = (
+    ("pt", ("3b", "10b", "28b"), (224, 448, 896), "pretrained"),
+    ("mix", ("3b", "10b", "28b"), (224, 448), "fine-tuned on a mixture of tasks"),
+    ("docci", ("3b", "10b"), (448,), "fine-tuned on DOCCI for detailed captions"),
+)
+
+
+def _sources(kind, size, resolution):
+    """Where the released files live (Hugging Face Hub and Kaggle).
+
+    `big_vision`: the JAX checkpoint the weights were trained with, one
+    `.b16.npz` file; `transformers`: the HF repository (config.json,
+    safetensors, tokenizer.model), also the tokenizer's source; `keras_hub`:
+    keras-hub's Kaggle preset.
+    """
+    hub_kind = "ft-docci" if kind == "docci" else kind
+    stem = f"paligemma2-{size}-{hub_kind}-{resolution}"
+    key = f"{kind}_{size}_{resolution}"
+    return {
+        "big_vision": {"repo_id": f"google/{stem}-jax", "filename": f"{stem}.b16.npz"},
+        "transformers": {"repo_id": f"google/{stem}"},
+        "tokenizer": {"repo_id": f"google/{stem}", "filename": "tokenizer.model"},
+        "keras_hub": f"kaggle://keras/paligemma2/keras/{KERAS_HUB_HANDLES[key]}",
+    }
+
+
+PRESETS = {}
+for _kind, _sizes, _resolutions, _what in FAMILIES:
+    for _size in _sizes:
+        for _resolution in _resolutions:
+            _name = (
+                f"pg2_{_size}_{_resolution}"
+                if _kind == "pt"
+                else f"pg2_{_kind}_{_size}_{_resolution}"
+            )
+            PRESETS[_name] = {
+                "description": (
+                    f"PaliGemma 2 {_size.upper()}, {_what}, {_resolution}x"
+                    f"{_resolution} px ({(_resolution // 14) ** 2} image tokens)."
+                ),
+                "config": {
+                    "image_size": _resolution,
+                    **SIGLIP_SO400M,
+                    **DECODERS[_size],
+                    **COMMON,
+                },
+                "sources": _sources(_kind, _size, _resolution),
+            }
+
+SOURCES = ("big_vision", "transformers", "keras_hub")
 
 
 def list_presets():

@@ -12,6 +12,7 @@ import zipfile
 import keras
 import keras_hub
 
+from keras_paligemma2 import hub
 from keras_paligemma2 import presets
 from keras_paligemma2.checkpoints import big_vision
 from keras_paligemma2.checkpoints import hf
@@ -21,19 +22,16 @@ from keras_paligemma2.checkpoints.common import load_model
 from keras_paligemma2.checkpoints.common import read_npz_lazily
 
 
-def load_backbone(cls, preset, load_weights=True, **overrides):
+def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
     """`PaliGemma2Backbone.from_preset`: see its docstring."""
     preset = os.fspath(preset)
     _check_overrides(cls, overrides)
     if preset in presets.PRESETS:
-        if load_weights:
-            raise CheckpointError(
-                f"Downloading the released weights of {preset!r} is not "
-                "available in this version. Download the big_vision file "
-                f"(e.g. paligemma2-*-pt-*.b16.npz) and pass its path, or pass "
-                "load_weights=False to build the architecture only."
-            )
-        return cls(**{**presets.preset_config(preset), **overrides})
+        return _load_registered(cls, preset, load_weights, source, overrides)
+    if source is not None:
+        raise ValueError(
+            f"`source` applies to registered preset names only, not {preset!r}."
+        )
     if os.path.isfile(preset):
         if not zipfile.is_zipfile(preset):
             with open(preset, "rb") as f:
@@ -118,7 +116,76 @@ def _load_keras_preset(cls, preset, load_weights, overrides):
     )
 
 
-def load_task(cls, preset, load_weights=True, **overrides):
+def _load_registered(cls, name, load_weights, source, overrides):
+    """A registered name: the architecture, or the released weights."""
+    entry = presets.PRESETS[name]
+    if not load_weights:
+        return cls(**{**entry["config"], **overrides})
+    source = source or "big_vision"
+    if source not in presets.SOURCES:
+        raise ValueError(
+            f"Unknown source {source!r} for {name!r}; choose one of "
+            f"{list(presets.SOURCES)} (default 'big_vision')."
+        )
+    sources = entry["sources"]
+    if source == "keras_hub":
+        return _load_keras_preset(cls, sources["keras_hub"], True, overrides)
+    if source == "transformers":
+        repo = sources["transformers"]["repo_id"]
+        directory = hub.download_repository(
+            repo, ["config.json", "*.safetensors", "*.safetensors.index.json"]
+        )
+        with open(os.path.join(directory, "config.json")) as f:
+            config = hf.infer_config(json.load(f), repo)
+        _check_matches_preset(config, entry["config"], repo, name)
+        tensors = hf.read_tensors(directory)
+        return load_model(
+            cls, {**config, **overrides}, hf.rules, tensors, repo, hf.TIED_OUTPUT
+        )
+    path = hub.download_file(**sources["big_vision"])
+    tensors = big_vision.strip_prefix(read_npz_lazily(path))
+    config = big_vision.infer_config(tensors, path)
+    _check_matches_preset(config, entry["config"], path, name)
+    return load_model(cls, {**config, **overrides}, big_vision.rules, tensors, path)
+
+
+# What tensor shapes fix; a downloaded file must agree with its preset on these.
+_SHAPE_FIELDS = (
+    "image_size",
+    "patch_size",
+    "vit_hidden_dim",
+    "vit_num_layers",
+    "vit_num_heads",
+    "vit_intermediate_dim",
+    "num_layers",
+    "hidden_dim",
+    "num_query_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_dim",
+)
+
+
+def _check_matches_preset(config, expected, source_name, preset):
+    differences = [
+        f"{k} {config[k]} (preset: {expected[k]})"
+        for k in _SHAPE_FIELDS
+        if config.get(k) != expected.get(k)
+    ]
+    if config.get("vocabulary_size", 0) < expected["vocabulary_size"]:
+        differences.append(
+            f"vocabulary_size {config.get('vocabulary_size')} (preset: "
+            f"{expected['vocabulary_size']})"
+        )
+    if differences:
+        raise CheckpointError(
+            f"{source_name!r} does not match preset {preset!r}: "
+            f"{'; '.join(differences)}. The download may be of another model; "
+            "delete it from the cache and try again."
+        )
+
+
+def load_task(cls, preset, load_weights=True, source=None, **overrides):
     """`PaliGemma2CausalLM.from_preset`: see its docstring."""
     path = os.fspath(preset)
     keras_preset = os.path.isdir(path) and _is_keras_preset(path) or "://" in path
@@ -127,7 +194,7 @@ def load_task(cls, preset, load_weights=True, **overrides):
         return keras_hub.models.CausalLM.from_preset.__func__(
             cls, path, load_weights=load_weights, **overrides
         )
-    backbone = load_backbone(cls.backbone_cls, path, load_weights, **overrides)
+    backbone = load_backbone(cls.backbone_cls, path, load_weights, source, **overrides)
     # Tokenizers are not read from checkpoints yet: the task takes backbone
     # inputs (token ids).
     return cls(backbone=backbone, preprocessor=None)
