@@ -9,6 +9,8 @@ from keras_paligemma2.decoder import DecoderBlock
 from keras_paligemma2.decoder import RMSNorm
 from keras_paligemma2.decoder import TokenEmbedding
 from keras_paligemma2.vision_encoder import VisionEncoder
+from keras_paligemma2.saving import DEFAULT_MAX_SHARD_SIZE_GB
+from keras_paligemma2.saving import atomic_directory
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma2")
@@ -262,6 +264,17 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             rope_max_wavelength=self.rope_max_wavelength,
         )
         return config
+
+    def save_to_preset(self, preset_dir, max_shard_size=DEFAULT_MAX_SHARD_SIZE_GB):
+        """Writes a Keras preset directory that `from_preset` loads back exactly.
+
+        Written to a temporary directory beside `preset_dir` and renamed into
+        place when complete, so an interrupted save never leaves a broken
+        preset nor loses an existing one. Weights above `max_shard_size` GB
+        are split into shards.
+        """
+        with atomic_directory(preset_dir) as staging:
+            keras_hub.models.Backbone.save_to_preset(self, staging, max_shard_size=max_shard_size)
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, source=None, **overrides):

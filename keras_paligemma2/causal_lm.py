@@ -6,6 +6,8 @@ from keras import ops
 
 from keras_paligemma2.backbone import PaliGemma2Backbone
 from keras_paligemma2.backbone import validate_backbone_inputs
+from keras_paligemma2.saving import DEFAULT_MAX_SHARD_SIZE_GB
+from keras_paligemma2.saving import atomic_directory
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma2")
@@ -73,6 +75,17 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
     def __call__(self, inputs, *args, **kwargs):
         validate_backbone_inputs(inputs, self.backbone.image_size)
         return super().__call__(inputs, *args, **kwargs)
+
+    def save_to_preset(self, preset_dir, max_shard_size=DEFAULT_MAX_SHARD_SIZE_GB):
+        """Writes a Keras preset directory that `from_preset` loads back exactly.
+
+        Written to a temporary directory beside `preset_dir` and renamed into
+        place when complete, so an interrupted save never leaves a broken
+        preset nor loses an existing one. Weights above `max_shard_size` GB
+        are split into shards.
+        """
+        with atomic_directory(preset_dir) as staging:
+            keras_hub.models.CausalLM.save_to_preset(self, staging, max_shard_size=max_shard_size)
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, source=None, **overrides):

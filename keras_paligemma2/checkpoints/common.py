@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import keras
 import ml_dtypes
 import numpy as np
+import tqdm
 from keras.src.backend.common import global_state
 from numpy.lib import format as npy_format
 
@@ -207,7 +208,7 @@ def read_safetensors_lazily(path):
     return tensors
 
 
-def load_model(cls, config, rules, tensors, source_name, ignored=()):
+def load_model(cls, config, rules, tensors, source_name, ignored=(), progress=None):
     """Builds `cls(**config)` with every variable filled from the checkpoint.
 
     The model is built without running any initializer (a 3B model's random
@@ -227,6 +228,8 @@ def load_model(cls, config, rules, tensors, source_name, ignored=()):
         tensors: mapping from source names to `LazyTensor`s.
         source_name: the file or directory, for error messages.
         ignored: source names that may be present and are not used.
+        progress: show a progress bar (on stderr); None shows one for
+            checkpoints over 1 GiB.
     """
     with keras.StatelessScope(initialize_variables=False):
         model = cls(**config)
@@ -234,15 +237,26 @@ def load_model(cls, config, rules, tensors, source_name, ignored=()):
     try:
         table = rules(model.get_config())
         _check(table, variables, tensors, source_name, ignored)
-        for rule in table:
-            value = rule.convert(tensors[rule.source].read())
-            _materialize(variables[rule.target], value)
-            del value  # Unmaps the tensor before the next one is read.
+        total = sum(_nbytes(v) for v in variables.values())
+        show = progress if progress is not None else total > 2**30
+        with tqdm.tqdm(
+            total=total, unit="B", unit_scale=True, desc="loading", disable=not show
+        ) as bar:
+            for rule in table:
+                variable = variables[rule.target]
+                value = rule.convert(tensors[rule.source].read())
+                _materialize(variable, value)
+                del value  # Unmaps the tensor before the next one is read.
+                bar.update(_nbytes(variable))
     except OSError as error:
         raise _unreadable(source_name, error) from error
     finally:
         _forget_pending_initialization(model.variables)
     return model
+
+
+def _nbytes(variable):
+    return int(np.prod(variable.shape, dtype=np.int64)) * np.dtype(variable.dtype).itemsize
 
 
 def _check(table, variables, tensors, source_name, ignored):

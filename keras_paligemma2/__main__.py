@@ -1,0 +1,5 @@
+import sys
+
+from keras_paligemma2.cli import main
+
+sys.exit(main())

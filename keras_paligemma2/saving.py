@@ -1,0 +1,40 @@
+"""Writing presets without ever leaving a half-written or lost directory."""
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+# Weight files above this many GB are split into shards (keras-hub's default
+# is 10 GB, more than some file systems and upload tools take at once).
+DEFAULT_MAX_SHARD_SIZE_GB = 2
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yields a fresh directory beside `path` that replaces `path` on success.
+
+    On any error the new directory is removed and `path`, if it existed, is
+    left as it was. On success an existing `path` is moved aside, the new
+    directory renamed into place, and only then the old one deleted.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = None
+    if os.path.lexists(path):
+        previous = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        os.rmdir(previous)
+        os.rename(path, previous)
+    os.rename(staging, path)
+    if previous is not None:
+        if os.path.isdir(previous) and not os.path.islink(previous):
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.remove(previous)
