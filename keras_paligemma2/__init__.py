@@ -22,7 +22,10 @@ if keras.config.backend() != "jax":
 from keras_paligemma2.backbone import PaliGemma2Backbone  # noqa: E402
 from keras_paligemma2.causal_lm import PaliGemma2CausalLM  # noqa: E402
 from keras_paligemma2.checkpoints.common import CheckpointError  # noqa: E402
+from keras_paligemma2.image_converter import PaliGemma2ImageConverter  # noqa: E402
+from keras_paligemma2.preprocessor import PaliGemma2CausalLMPreprocessor  # noqa: E402
 from keras_paligemma2.presets import list_presets  # noqa: E402
+from keras_paligemma2.tokenizer import PaliGemma2Tokenizer  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -30,5 +33,8 @@ __all__ = [
     "CheckpointError",
     "PaliGemma2Backbone",
     "PaliGemma2CausalLM",
+    "PaliGemma2CausalLMPreprocessor",
+    "PaliGemma2ImageConverter",
+    "PaliGemma2Tokenizer",
     "list_presets",
 ]

@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_paligemma2.backbone import PaliGemma2Backbone
 from keras_paligemma2.backbone import validate_backbone_inputs
+from keras_paligemma2.preprocessor import PaliGemma2CausalLMPreprocessor
 from keras_paligemma2.saving import DEFAULT_MAX_SHARD_SIZE_GB
 from keras_paligemma2.saving import atomic_directory
 
@@ -50,7 +51,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
     """
 
     backbone_cls = PaliGemma2Backbone
-    preprocessor_cls = None
+    preprocessor_cls = PaliGemma2CausalLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         # === Layers ===

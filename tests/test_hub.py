@@ -18,6 +18,7 @@ from keras_paligemma2 import presets
 from keras_paligemma2.checkpoints import big_vision
 from keras_paligemma2.checkpoints import hf
 from keras_paligemma2.checkpoints.common import read_npz_lazily
+from keras_paligemma2.tokenizer import train_tiny_sentencepiece
 
 STEM = "paligemma2-tiny-pt-42"
 
@@ -37,6 +38,7 @@ def fake_hub(tmp_path, fixtures_dir, monkeypatch):
     hf_repo = root / "google" / STEM
     shutil.copytree(fixtures_dir / "hf_tiny", hf_repo)
     (hf_repo / "reference_outputs.npz").unlink()
+    (hf_repo / "tokenizer.model").write_bytes(train_tiny_sentencepiece(["caption en", "a cat"]))
     calls = []
 
     def hf_hub_download(repo_id, filename, revision=None, **kwargs):
@@ -78,7 +80,12 @@ def fake_hub(tmp_path, fixtures_dir, monkeypatch):
 def test_registered_name_downloads_big_vision_and_runs(fake_hub, fixtures_dir):
     _, calls = fake_hub
     lm = PaliGemma2CausalLM.from_preset("pg2_tiny_42")
-    assert calls == [(f"google/{STEM}-jax", f"{STEM}.b16.npz")]
+    assert calls == [
+        (f"google/{STEM}-jax", f"{STEM}.b16.npz"),
+        (f"google/{STEM}", "tokenizer.model"),  # From the matching HF repository.
+    ]
+    assert lm.preprocessor.tokenizer.location_token_start > 0
+    assert lm.preprocessor.image_converter.side == 42
     reference = np.load(fixtures_dir / "bv_tiny" / "reference_outputs.npz")
     text = reference["text"]
     logits = lm(

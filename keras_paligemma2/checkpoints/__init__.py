@@ -20,6 +20,9 @@ from keras_paligemma2.checkpoints import keras_hub_preset
 from keras_paligemma2.checkpoints.common import CheckpointError
 from keras_paligemma2.checkpoints.common import load_model
 from keras_paligemma2.checkpoints.common import read_npz_lazily
+from keras_paligemma2.image_converter import PaliGemma2ImageConverter
+from keras_paligemma2.preprocessor import PaliGemma2CausalLMPreprocessor
+from keras_paligemma2.tokenizer import PaliGemma2Tokenizer
 
 
 def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
@@ -133,7 +136,8 @@ def _load_registered(cls, name, load_weights, source, overrides):
     if source == "transformers":
         repo = sources["transformers"]["repo_id"]
         directory = hub.download_repository(
-            repo, ["config.json", "*.safetensors", "*.safetensors.index.json"]
+            repo,
+            ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.model"],
         )
         with open(os.path.join(directory, "config.json")) as f:
             config = hf.infer_config(json.load(f), repo)
@@ -190,14 +194,49 @@ def load_task(cls, preset, load_weights=True, source=None, **overrides):
     path = os.fspath(preset)
     keras_preset = os.path.isdir(path) and _is_keras_preset(path) or "://" in path
     if keras_preset and _keras_preset_class(path) == cls.backbone_cls.__name__:
+        from keras_hub.src.utils.preset_utils import check_file_exists
+
         overrides = _keep_saved_dtype(path, overrides)
+        if not check_file_exists(path, "tokenizer.json"):
+            overrides["preprocessor"] = None  # Saved without one.
         return keras_hub.models.CausalLM.from_preset.__func__(
             cls, path, load_weights=load_weights, **overrides
         )
     backbone = load_backbone(cls.backbone_cls, path, load_weights, source, **overrides)
-    # Tokenizers are not read from checkpoints yet: the task takes backbone
-    # inputs (token ids).
-    return cls(backbone=backbone, preprocessor=None)
+    tokenizer = _find_tokenizer(path, source)
+    preprocessor = None
+    if tokenizer is not None:
+        preprocessor = PaliGemma2CausalLMPreprocessor(
+            tokenizer, PaliGemma2ImageConverter(backbone.image_size)
+        )
+    return cls(backbone=backbone, preprocessor=preprocessor)
+
+
+def _find_tokenizer(path, source):
+    """The SentencePiece model that comes with a checkpoint, or None.
+
+    Registered names: `tokenizer.model` of the matching HF repository (the
+    JAX repositories carry none). HF directories: their `tokenizer.model`.
+    keras-hub presets: `assets/tokenizer/vocabulary.spm`. A big_vision
+    `.npz` carries no tokenizer.
+    """
+    if path in presets.PRESETS:
+        entry = presets.PRESETS[path]["sources"]
+        if (source or "big_vision") == "keras_hub":
+            return _find_tokenizer(entry["keras_hub"], None)
+        return PaliGemma2Tokenizer(hub.download_file(**entry["tokenizer"]))
+    if "://" in path:
+        from keras_hub.src.utils.preset_utils import check_file_exists
+        from keras_hub.src.utils.preset_utils import get_file
+
+        vocabulary = "assets/tokenizer/vocabulary.spm"
+        if check_file_exists(path, vocabulary):
+            return PaliGemma2Tokenizer(get_file(path, vocabulary))
+        return None
+    for candidate in ("tokenizer.model", os.path.join("assets", "tokenizer", "vocabulary.spm")):
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, candidate)):
+            return PaliGemma2Tokenizer(os.path.join(path, candidate))
+    return None
 
 
 def _build_and_assign(cls, config, rules_for, tensors, source, load_weights, ignored=()):

@@ -110,3 +110,39 @@ def test_task_preset_keeps_bfloat16(tiny_config, tmp_path):
     assert str(restored.backbone.token_embedding.embeddings.dtype) == "bfloat16"
     as_float32 = PaliGemma2CausalLM.from_preset(tmp_path / "task", dtype="float32")
     assert str(as_float32.backbone.token_embedding.embeddings.dtype) == "float32"
+
+
+def test_keras_hub_task_preset_brings_its_tokenizer_and_squashes_images(tmp_path):
+    from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+
+    tokenizer = keras_hub.models.PaliGemmaTokenizer(proto=train_tiny_sentencepiece(["caption en", "a cat"]))
+    converter = keras_hub.layers.PaliGemmaImageConverter(image_size=(28, 28), scale=1 / 127.5, offset=-1)
+    preprocessor = keras_hub.models.PaliGemmaCausalLMPreprocessor(tokenizer, converter)
+    backbone = keras_hub.models.PaliGemmaBackbone(**KERAS_HUB_TINY)
+    keras_hub.models.PaliGemmaCausalLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(tmp_path / "kh"))
+    lm = PaliGemma2CausalLM.from_preset(tmp_path / "kh")
+    assert lm.preprocessor is not None
+    assert lm.preprocessor.image_converter.crop_to_aspect_ratio is False  # big_vision squashes.
+    ids = lm.preprocessor.tokenizer("<loc0005>")
+    assert len(ids) == 1
+
+
+def test_our_task_preset_round_trips_its_preprocessor(tiny_config, tmp_path):
+    from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
+    from keras_paligemma2 import PaliGemma2ImageConverter
+    from keras_paligemma2 import PaliGemma2Tokenizer
+    from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+
+    preprocessor = PaliGemma2CausalLMPreprocessor(
+        PaliGemma2Tokenizer(train_tiny_sentencepiece(["caption en", "a cat"])),
+        PaliGemma2ImageConverter(28),
+        sequence_length=20,
+    )
+    lm = PaliGemma2CausalLM(PaliGemma2Backbone(**tiny_config), preprocessor)
+    lm.save_to_preset(str(tmp_path / "task"))
+    assert (tmp_path / "task" / "assets" / "tokenizer").is_dir()
+    restored = PaliGemma2CausalLM.from_preset(tmp_path / "task")
+    assert restored.preprocessor.sequence_length == 20
+    sample = {"images": np.zeros((28, 28, 3), "uint8"), "prompts": "caption en", "responses": "a cat"}
+    got, want = restored.preprocessor(sample), preprocessor(sample)
+    np.testing.assert_array_equal(got[0]["token_ids"], want[0]["token_ids"])

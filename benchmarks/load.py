@@ -1,0 +1,276 @@
+"""Checkpoint loading: wall time and peak memory against reading the file once.
+
+    python benchmarks/load.py make DIR          # ~6 GB per format, random values
+    python benchmarks/load.py measure DIR       # each load in a fresh process
+
+`make` writes a 3B-shaped (pg2_3b_224) bfloat16 checkpoint with the real
+tensor names and shapes, as a big_vision `.b16.npz` and as an HF transformers
+directory (config.json + three safetensors shards), and, with `--keras-hub`,
+an equivalent keras-hub preset. `measure` drops the page cache when it may
+(else says so), times `cat FILE > /dev/null`, then runs `from_preset(path,
+dtype="bfloat16")` in a fresh process per format and reports wall time and
+peak RSS above the process's baseline after imports.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import zipfile
+
+import ml_dtypes
+import numpy as np
+from numpy.lib import format as npy_format
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+V = 257_152
+D, L, N, K, H, F = 2304, 26, 8, 4, 256, 9216  # gemma2_2b
+W, VL, VH, M, P = 1152, 27, 16, 4304, 256  # So400m/14 at 224 px
+
+
+def big_vision_shapes():
+    vit = "params/img/Transformer/encoderblock/"
+    mha = vit + "MultiHeadDotProductAttention_0/"
+    llm = "params/llm/layers/"
+    shapes = {
+        "params/img/embedding/kernel": (14, 14, 3, W),
+        "params/img/embedding/bias": (W,),
+        "params/img/pos_embedding": (1, P, W),
+        "params/img/Transformer/encoder_norm/scale": (W,),
+        "params/img/Transformer/encoder_norm/bias": (W,),
+        "params/img/head/kernel": (W, D),
+        "params/img/head/bias": (D,),
+        "params/llm/embedder/input_embedding": (V, D),
+        "params/llm/final_norm/scale": (D,),
+        llm + "attn/q_einsum/w": (L, N, D, H),
+        llm + "attn/kv_einsum/w": (L, 2, K, D, H),
+        llm + "attn/attn_vec_einsum/w": (L, N, H, D),
+        llm + "mlp/gating_einsum": (L, 2, D, F),
+        llm + "mlp/linear": (L, F, D),
+    }
+    for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
+        shapes[llm + norm + "/scale"] = (L, D)
+    for i in (0, 1):
+        shapes[vit + f"LayerNorm_{i}/scale"] = (VL, W)
+        shapes[vit + f"LayerNorm_{i}/bias"] = (VL, W)
+    shapes[vit + "MlpBlock_0/Dense_0/kernel"] = (VL, W, M)
+    shapes[vit + "MlpBlock_0/Dense_0/bias"] = (VL, M)
+    shapes[vit + "MlpBlock_0/Dense_1/kernel"] = (VL, M, W)
+    shapes[vit + "MlpBlock_0/Dense_1/bias"] = (VL, W)
+    for name in ("query", "key", "value"):
+        shapes[mha + f"{name}/kernel"] = (VL, W, VH, W // VH)
+        shapes[mha + f"{name}/bias"] = (VL, VH, W // VH)
+    shapes[mha + "out/kernel"] = (VL, VH, W // VH, W)
+    shapes[mha + "out/bias"] = (VL, W)
+    return shapes
+
+
+def hf_shapes():
+    shapes = {
+        "language_model.model.embed_tokens.weight": (257_216, D),
+        "language_model.model.norm.weight": (D,),
+        "multi_modal_projector.linear.weight": (D, W),
+        "multi_modal_projector.linear.bias": (D,),
+    }
+    v = "vision_tower.vision_model."
+    shapes[v + "embeddings.patch_embedding.weight"] = (W, 3, 14, 14)
+    shapes[v + "embeddings.patch_embedding.bias"] = (W,)
+    shapes[v + "embeddings.position_embedding.weight"] = (P, W)
+    shapes[v + "post_layernorm.weight"] = (W,)
+    shapes[v + "post_layernorm.bias"] = (W,)
+    for i in range(VL):
+        p = f"{v}encoder.layers.{i}."
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[p + norm + ".weight"] = (W,)
+            shapes[p + norm + ".bias"] = (W,)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[p + f"self_attn.{proj}.weight"] = (W, W)
+            shapes[p + f"self_attn.{proj}.bias"] = (W,)
+        shapes[p + "mlp.fc1.weight"] = (M, W)
+        shapes[p + "mlp.fc1.bias"] = (M,)
+        shapes[p + "mlp.fc2.weight"] = (W, M)
+        shapes[p + "mlp.fc2.bias"] = (W,)
+    for i in range(L):
+        p = f"language_model.model.layers.{i}."
+        shapes[p + "self_attn.q_proj.weight"] = (N * H, D)
+        shapes[p + "self_attn.k_proj.weight"] = (K * H, D)
+        shapes[p + "self_attn.v_proj.weight"] = (K * H, D)
+        shapes[p + "self_attn.o_proj.weight"] = (D, N * H)
+        shapes[p + "mlp.gate_proj.weight"] = (F, D)
+        shapes[p + "mlp.up_proj.weight"] = (F, D)
+        shapes[p + "mlp.down_proj.weight"] = (D, F)
+        for norm in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ):
+            shapes[p + norm + ".weight"] = (D,)
+    return shapes
+
+
+HF_CONFIG = {
+    "model_type": "paligemma",
+    "image_token_index": 257_152,
+    "text_config": {
+        "model_type": "gemma2",
+        "hidden_size": D,
+        "num_hidden_layers": L,
+        "num_attention_heads": N,
+        "num_key_value_heads": K,
+        "head_dim": H,
+        "intermediate_size": F,
+        "query_pre_attn_scalar": H,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window": 4096,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": 257_216,
+    },
+    "vision_config": {
+        "hidden_size": W,
+        "num_hidden_layers": VL,
+        "num_attention_heads": VH,
+        "intermediate_size": M,
+        "patch_size": 14,
+        "image_size": 224,
+        "layer_norm_eps": 1e-6,
+    },
+}
+
+
+def random_bf16(shape, rng):
+    return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+
+
+def make(directory, keras_hub_too):
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(0)
+    npz_path = os.path.join(directory, "paligemma2-3b-pt-224.b16.npz")
+    with zipfile.ZipFile(npz_path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, shape in big_vision_shapes().items():
+            array = random_bf16(shape, rng).view("V2")  # As the released files store bf16.
+            with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                npy_format.write_array(member, array, allow_pickle=False)
+    print("wrote", npz_path, os.path.getsize(npz_path) / 2**30, "GiB")
+
+    from safetensors.numpy import save_file
+
+    hf_dir = os.path.join(directory, "hf")
+    os.makedirs(hf_dir, exist_ok=True)
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(HF_CONFIG, f)
+    names = list(hf_shapes().items())
+    shards = [names[i::3] for i in range(3)]
+    for index, shard in enumerate(shards):
+        path = os.path.join(hf_dir, f"model-{index + 1:05d}-of-00003.safetensors")
+        save_file({name: random_bf16(shape, rng) for name, shape in shard}, path)
+        print("wrote", path)
+
+    if keras_hub_too:
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        import keras_hub
+
+        backbone = keras_hub.models.PaliGemmaBackbone(
+            vocabulary_size=V, image_size=224, num_layers=L, num_query_heads=N,
+            num_key_value_heads=K, hidden_dim=D, intermediate_dim=2 * F, head_dim=H,
+            vit_patch_size=14, vit_num_heads=VH, vit_hidden_dim=W, vit_num_layers=VL,
+            vit_intermediate_dim=M, use_post_ffw_norm=True, use_post_attention_norm=True,
+            attention_logit_soft_cap=50.0, final_logit_soft_cap=30.0,
+            query_head_dim_normalize=True, dtype="bfloat16",
+        )
+        backbone.save_to_preset(os.path.join(directory, "keras_hub"))
+        print("wrote", os.path.join(directory, "keras_hub"))
+
+
+CHILD = r"""
+import json, os, resource, sys, time
+os.environ["KERAS_BACKEND"] = "jax"
+import jax, keras, keras_hub, numpy
+from keras_paligemma2 import PaliGemma2Backbone
+kind, path = sys.argv[1], sys.argv[2]
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+start = time.perf_counter()
+if kind == "keras_hub_native":
+    model = keras_hub.models.PaliGemmaBackbone.from_preset(path, dtype="bfloat16")
+else:
+    model = PaliGemma2Backbone.from_preset(path, dtype="bfloat16")
+jax.block_until_ready([v.value for v in model.weights])
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": seconds, "baseline": baseline, "peak": peak,
+                  "params": sum(int(numpy.prod(v.shape)) for v in model.weights)}))
+"""
+
+
+def drop_page_cache():
+    try:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def files_of(path):
+    if os.path.isdir(path):
+        return [os.path.join(path, f) for f in sorted(os.listdir(path))]
+    return [path]
+
+
+def measure(directory):
+    cases = [
+        ("big_vision .b16.npz", "ours", os.path.join(directory, "paligemma2-3b-pt-224.b16.npz")),
+        ("HF safetensors (3 shards)", "ours", os.path.join(directory, "hf")),
+    ]
+    if os.path.isdir(os.path.join(directory, "keras_hub")):
+        cases.append(("keras-hub preset, into ours", "ours", os.path.join(directory, "keras_hub")))
+        cases.append(("keras-hub preset, keras-hub itself", "keras_hub_native", os.path.join(directory, "keras_hub")))
+    rows = []
+    for label, kind, path in cases:
+        size = sum(os.path.getsize(f) for f in files_of(path))
+        dropped = drop_page_cache()
+        start = time.perf_counter()
+        for f in files_of(path):
+            subprocess.run(f"cat '{f}' > /dev/null", shell=True, check=True)
+        cold_read = time.perf_counter() - start
+        start = time.perf_counter()
+        for f in files_of(path):
+            subprocess.run(f"cat '{f}' > /dev/null", shell=True, check=True)
+        warm_read = time.perf_counter() - start
+        dropped_again = drop_page_cache()
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, kind, path], capture_output=True, text=True, check=True
+        ).stdout.strip().splitlines()[-1]
+        result = json.loads(out)
+        above = result["peak"] - result["baseline"]
+        rows.append((label, size, cold_read, warm_read, result["seconds"], above, dropped and dropped_again))
+        print(
+            f"{label}: {size / 2**30:.2f} GiB, cat {cold_read:.1f} s cold / {warm_read:.1f} s warm, "
+            f"load {result['seconds']:.1f} s ({result['seconds'] / cold_read:.2f}x cold read), "
+            f"peak RSS above baseline {above / 2**30:.2f} GiB ({above / size:.2f}x file), "
+            f"page cache {'dropped' if dropped else 'NOT dropped'}, params {result['params']:,}",
+            flush=True,
+        )
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["make", "measure"])
+    parser.add_argument("directory")
+    parser.add_argument("--keras-hub", action="store_true", help="also write a keras-hub preset (make)")
+    args = parser.parse_args()
+    if args.command == "make":
+        make(args.directory, args.keras_hub)
+    else:
+        measure(args.directory)
+
+
+if __name__ == "__main__":
+    main()
