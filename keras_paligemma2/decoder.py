@@ -275,6 +275,14 @@ class DecoderBlock(keras.layers.Layer):
         x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
         return x if kv_cache is None else (x, kv_cache)
 
+    def compute_output_spec(self, x, positions, attention_mask, kv_cache=None, cache_index=None):
+        # Declared rather than traced: tracing every block while building a
+        # functional model costs seconds for the 26-46 layer models.
+        output = keras.KerasTensor(x.shape, x.dtype)
+        if kv_cache is None:
+            return output
+        return output, keras.KerasTensor(kv_cache.shape, kv_cache.dtype)
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -147,12 +147,9 @@ def test_parameter_counts_without_allocating(name, count):
     assert counted["config"]["query_pre_attn_scalar"] == expected_scalar
 
 
-def test_all_nine_presets_registered():
-    names = presets.list_presets()
-    assert len(names) == 9
-    assert {n for n in names} == {
-        f"pg2_{s}_{r}" for s in ("3b", "10b", "28b") for r in (224, 448, 896)
-    }
+def test_all_nine_pretrained_architectures_registered():
+    names = set(presets.list_presets())
+    assert {f"pg2_{s}_{r}" for s in ("3b", "10b", "28b") for r in (224, 448, 896)} <= names
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,16 @@ a mismatched checkpoint fails with one error naming every missing,
 unexpected and mis-shaped tensor, and never leaves a half-loaded model.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
+import threading
 import zipfile
 from typing import Callable
 
-import jax.numpy as jnp
+import jax
 import keras
 import ml_dtypes
 import numpy as np
@@ -36,12 +39,27 @@ class Rule:
 
 
 class LazyTensor:
-    """A checkpoint tensor known by shape and dtype, read only by `read()`."""
+    """A checkpoint tensor known by shape and dtype, read only by `read()`.
 
-    def __init__(self, shape, dtype, read):
+    `location` (path, byte offset, byte count), when known, lets the loader
+    ask the kernel to read the bytes ahead while it copies other tensors.
+    """
+
+    def __init__(self, shape, dtype, read, location=None):
         self.shape = tuple(shape)
         self.dtype = dtype
         self.read = read
+        self.location = location
+
+    def prefetch(self):
+        if self.location is None or not hasattr(os, "posix_fadvise"):
+            return
+        path, offset, nbytes = self.location
+        try:
+            with open(path, "rb") as f:
+                os.posix_fadvise(f.fileno(), offset, nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # Only a hint.
 
 
 def layer_slice(index):
@@ -107,6 +125,7 @@ def _stored_member(path, raw, info, file_size):
         shape,
         _as_bfloat16_if_void(dtype),
         lambda: _map(path, dtype, offset, shape, order),
+        location=(path, offset, nbytes),
     )
 
 
@@ -204,6 +223,7 @@ def read_safetensors_lazily(path):
             lambda dtype=dtype, offset=data_start + begin, shape=shape: _map(
                 path, dtype, offset, shape
             ),
+            location=(path, data_start + begin, end - begin),
         )
     return tensors
 
@@ -237,17 +257,37 @@ def load_model(cls, config, rules, tensors, source_name, ignored=(), progress=No
     try:
         table = rules(model.get_config())
         _check(table, variables, tensors, source_name, ignored)
+        # In file order, so that the disk reads sequentially (the layers of a
+        # stacked tensor are consecutive).
+        table = sorted(table, key=lambda r: _file_position(tensors[r.source]))
         total = sum(_nbytes(v) for v in variables.values())
         show = progress if progress is not None else total > 2**30
+        # Two workers read and convert the next tensors while this thread
+        # hands finished ones to their variables; at most `window` tensors
+        # are in flight beside the model.
+        window = 3
         with tqdm.tqdm(
             total=total, unit="B", unit_scale=True, desc="loading", disable=not show
-        ) as bar:
-            for rule in table:
-                variable = variables[rule.target]
-                value = rule.convert(tensors[rule.source].read())
-                _materialize(variable, value)
-                del value  # Unmaps the tensor before the next one is read.
-                bar.update(_nbytes(variable))
+        ) as bar, concurrent.futures.ThreadPoolExecutor(2) as workers:
+            reader = _FileReader()
+            pending = collections.deque()
+            prefetched = set()
+            for rule in table + [None] * window:
+                if rule is not None:
+                    if rule.source not in prefetched:  # Kernel readahead hint.
+                        tensors[rule.source].prefetch()
+                        prefetched.add(rule.source)
+                    variable = variables[rule.target]
+                    pending.append(
+                        (variable, workers.submit(
+                            _device_value, rule, tensors[rule.source], variable, reader
+                        ))
+                    )
+                if len(pending) > window or (rule is None and pending):
+                    variable, future = pending.popleft()
+                    variable._initialize(future.result())
+                    bar.update(_nbytes(variable))
+            reader.close()
     except OSError as error:
         raise _unreadable(source_name, error) from error
     finally:
@@ -299,18 +339,94 @@ def _check(table, variables, tensors, source_name, ignored):
         raise CheckpointError("\n".join(lines))
 
 
-def _materialize(variable, value):
-    """Gives a never-initialized Keras variable its first value.
+class _FileReader:
+    """Positional reads through one descriptor per file, shared by threads.
 
-    Uses Keras' own first-value path (`_initialize`), which asks the active
-    `keras.distribution` for the variable's layout and places the value
-    there. A host array goes to `jax.device_put` as it is, so that each
-    device receives only its shard.
+    One descriptor keeps the kernel's sequential readahead going from tensor
+    to tensor; reopening the file per tensor restarts it small each time
+    (measured: 3x slower on a cold 6 GB checkpoint).
     """
-    value = np.asarray(value, dtype=np.dtype(variable.dtype))
-    if keras.distribution.distribution() is None:
-        value = jnp.asarray(value)
-    variable._initialize(value)
+
+    def __init__(self):
+        self.descriptors = {}
+        self.lock = threading.Lock()
+
+    def read_into(self, path, offset, buffer):
+        with self.lock:
+            if path not in self.descriptors:
+                descriptor = os.open(path, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                self.descriptors[path] = descriptor
+            descriptor = self.descriptors[path]
+        target = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(target):
+            count = os.preadv(descriptor, [target[done:]], offset + done)
+            if not count:
+                raise OSError(f"{path} ended while reading {len(target)} bytes at {offset}")
+            done += count
+
+    def close(self):
+        for descriptor in self.descriptors.values():
+            os.close(descriptor)
+        self.descriptors.clear()
+
+
+def _file_position(tensor):
+    return tensor.location[:2] if tensor.location else ("", 0)
+
+
+def _device_value(rule, tensor, variable, reader):
+    """The converted tensor, ready for Keras' first-value path (`_initialize`).
+
+    Without a distribution, the bytes needed are read (one `readinto`, no
+    memory map) into a fresh 64-byte-aligned host buffer, which
+    `jax.device_put` adopts without a copy on CPU and copies once to an
+    accelerator; transposes and dtype casts then run on the device, where
+    XLA does them far faster than numpy does on bfloat16. Under a
+    `keras.distribution`, a contiguous host array goes to Keras, which
+    `jax.device_put`s it with the variable's sharding, so that each device
+    receives only its shard.
+    """
+    dtype = np.dtype(variable.dtype)
+    raw = tensor.read()
+    value = rule.convert(raw)
+    if keras.distribution.distribution() is not None:
+        return np.ascontiguousarray(np.asarray(value, dtype=dtype))
+    if value.flags.c_contiguous:
+        value = jax.device_put(_aligned_copy(value, raw, tensor, reader))
+    else:
+        value = rule.convert(jax.device_put(_aligned_copy(raw, raw, tensor, reader)))
+    if value.dtype != dtype:
+        value = value.astype(dtype)
+    return value.block_until_ready()
+
+
+def _aligned_copy(view, raw, tensor, reader):
+    """`view` (a C-contiguous view into `raw`) in a new 64-byte-aligned array.
+
+    Read straight from the file when `raw` maps a known file region.
+    """
+    nbytes = view.size * view.dtype.itemsize
+    storage = np.empty(nbytes + 64, np.uint8)
+    start = (-storage.ctypes.data) % 64
+    out = storage[start : start + nbytes].view(view.dtype).reshape(view.shape)
+    if tensor.location is None or not _maps_file(raw) or nbytes == 0:
+        np.copyto(out, view)
+        return out
+    path, offset, _ = tensor.location
+    offset += view.ctypes.data - raw.ctypes.data
+    reader.read_into(path, offset, out.reshape(-1).view(np.uint8))
+    return out
+
+
+def _maps_file(array):
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return True
+        array = array.base if isinstance(array.base, np.ndarray) else None
+    return False
 
 
 def _forget_pending_initialization(model_variables):
