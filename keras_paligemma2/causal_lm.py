@@ -78,13 +78,8 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         return super().__call__(inputs, *args, **kwargs)
 
     def save_to_preset(self, preset_dir, max_shard_size=DEFAULT_MAX_SHARD_SIZE_GB):
-        """Writes a Keras preset directory that `from_preset` loads back exactly.
-
-        Written to a temporary directory beside `preset_dir` and renamed into
-        place when complete, so an interrupted save never leaves a broken
-        preset nor loses an existing one. Weights above `max_shard_size` GB
-        are split into shards.
-        """
+        """Writes the task (backbone, preprocessor, tokenizer assets) as a
+        Keras preset, atomically, as `PaliGemma2Backbone.save_to_preset`."""
         with atomic_directory(preset_dir) as staging:
             keras_hub.models.CausalLM.save_to_preset(self, staging, max_shard_size=max_shard_size)
 

@@ -158,17 +158,28 @@ def unknown_preset_message(name):
     )
 
 
+# The config fields that tensor shapes fix.
+DECODER_SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_dim",
+    "num_query_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_dim",
+)
+SHAPE_FIELDS = (
+    "image_size",
+    "patch_size",
+    "vit_hidden_dim",
+    "vit_num_layers",
+    "vit_num_heads",
+    "vit_intermediate_dim",
+) + DECODER_SHAPE_FIELDS
+
+
 def known_decoder(config):
     """The name of the released decoder size whose shapes `config` has, or None."""
-    shape_keys = (
-        "num_layers",
-        "hidden_dim",
-        "num_query_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "intermediate_dim",
-    )
     for size, decoder in DECODERS.items():
-        if all(config.get(k) == decoder[k] for k in shape_keys):
+        if all(config.get(k) == decoder[k] for k in DECODER_SHAPE_FIELDS):
             return size
     return None

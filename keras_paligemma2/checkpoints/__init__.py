@@ -153,27 +153,10 @@ def _load_registered(cls, name, load_weights, source, overrides):
     return load_model(cls, {**config, **overrides}, big_vision.rules, tensors, path)
 
 
-# What tensor shapes fix; a downloaded file must agree with its preset on these.
-_SHAPE_FIELDS = (
-    "image_size",
-    "patch_size",
-    "vit_hidden_dim",
-    "vit_num_layers",
-    "vit_num_heads",
-    "vit_intermediate_dim",
-    "num_layers",
-    "hidden_dim",
-    "num_query_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "intermediate_dim",
-)
-
-
 def _check_matches_preset(config, expected, source_name, preset):
     differences = [
         f"{k} {config[k]} (preset: {expected[k]})"
-        for k in _SHAPE_FIELDS
+        for k in presets.SHAPE_FIELDS
         if config.get(k) != expected.get(k)
     ]
     if config.get("vocabulary_size", 0) < expected["vocabulary_size"]:
