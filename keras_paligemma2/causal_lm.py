@@ -2,6 +2,7 @@
 
 import keras
 import keras_hub
+import numpy as np
 from keras import ops
 
 from keras_paligemma2.backbone import PaliGemma2Backbone
@@ -73,6 +74,82 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             logits = ops.tanh(logits / cap) * cap
         return logits
 
+    def generate(
+        self,
+        inputs,
+        max_new_tokens=64,
+        max_length=None,
+        stop_token_ids="auto",
+    ):
+        """Greedy decoding after a bidirectional prefill of image + prompt.
+
+        With a preprocessor: `inputs` is `{"images": ..., "prompts": ...}`
+        (one image and one string, or lists); returns the generated text
+        without the prompt (a string, or a list of them), cut at the stop
+        token. Without one: `inputs` holds `images`, `token_ids` and
+        `padding_mask` (left-aligned prompts, `<bos> prompt "\n"`); returns
+        `{"token_ids": (B, N) new tokens, "padding_mask": (B, N)}` with the
+        stop token kept and padding after it.
+
+        Args:
+            inputs: see above.
+            max_new_tokens: int, the most tokens to generate per example.
+            max_length: int or None; if given, the most prompt + generated
+                text tokens (keras-hub's meaning), replacing max_new_tokens.
+            stop_token_ids: "auto" (`<eos>`), None, or a list of ids.
+
+        Rows of a batch may have prompts of different lengths: each gives
+        exactly what it gives alone. Prompt lengths are rounded up to a
+        multiple of 16, so calls reuse one compiled function.
+        """
+        from keras_paligemma2.generation import Decoder
+
+        single = False
+        if self.preprocessor is not None:
+            single = isinstance(inputs.get("prompts"), str)
+            features = self.preprocessor.generate_preprocess(inputs)
+        else:
+            features = dict(inputs)
+            missing = [k for k in ("images", "token_ids", "padding_mask") if k not in features]
+            if missing:
+                raise ValueError(
+                    f"Without a preprocessor, generate takes token ids: missing "
+                    f"{missing}. Load a preset with a tokenizer to pass text."
+                )
+        images = np.asarray(features["images"], np.float32)
+        token_ids = np.asarray(features["token_ids"])
+        padding_mask = np.asarray(features["padding_mask"])
+        if images.ndim == 3:
+            images = images[None]
+        validate_backbone_inputs(
+            {**features, "images": images, "response_mask": padding_mask * 0},
+            self.backbone.image_size,
+        )
+        if max_length is not None:
+            max_new_tokens = int(max_length) - int(padding_mask.sum(1).max())
+            if max_new_tokens < 1:
+                raise ValueError(
+                    f"max_length={max_length} leaves no room after the longest "
+                    "prompt; raise it or use max_new_tokens."
+                )
+        if stop_token_ids == "auto":
+            end = self.preprocessor.tokenizer.end_token_id if self.preprocessor else 1
+            stop_token_ids = [end]
+        if not hasattr(self, "_decoder"):
+            self._decoder = Decoder(self)
+        tokens, _ = self._decoder(
+            images, token_ids, padding_mask, max_new_tokens, stop_token_ids or []
+        )
+        tokens = np.asarray(tokens)
+        mask = _until_stop(tokens, stop_token_ids or [])
+        if self.preprocessor is None:
+            return {"token_ids": tokens, "padding_mask": mask}
+        texts = []
+        for row, row_mask in zip(tokens, mask):
+            kept = [int(t) for t, m in zip(row, row_mask) if m and int(t) not in (stop_token_ids or [])]
+            texts.append(self.preprocessor.tokenizer.detokenize(kept) if kept else "")
+        return texts[0] if single else texts
+
     def __call__(self, inputs, *args, **kwargs):
         validate_backbone_inputs(inputs, self.backbone.image_size)
         return super().__call__(inputs, *args, **kwargs)
@@ -97,3 +174,13 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         return load_task(
             cls, preset, load_weights=load_weights, source=source, **overrides
         )
+
+
+def _until_stop(tokens, stop_token_ids):
+    """1 on each row's tokens up to and including its first stop token."""
+    mask = np.ones(tokens.shape, np.int32)
+    for row in range(tokens.shape[0]):
+        stops = np.flatnonzero(np.isin(tokens[row], stop_token_ids))
+        if stops.size:
+            mask[row, stops[0] + 1 :] = 0
+    return mask

@@ -1,0 +1,175 @@
+"""Decoding with a KV cache: prefill the real prompt, then extend one token at a time.
+
+As big_vision (`gemma_bv.prefill_cache`), prompts are right-aligned first, so
+that every row writes its next token into the same cache slot; each row keeps
+its own positions, and padding slots are masked out, so a ragged batch decodes
+exactly as each example alone. The image + prompt attend to each other fully
+(prefix-LM); generated tokens are causal. The whole loop is one jitted
+function of the model's variables, compiled once per (batch, prompt bucket,
+new tokens) shape.
+
+Cache: per layer, (B, 2, S, K, H) with S = image tokens + prompt bucket +
+new tokens; [:, 0] keys, [:, 1] values.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from keras_paligemma2.attention import make_attention_mask
+
+PROMPT_BUCKET = 16
+
+
+def right_align(token_ids, padding_mask, bucket=PROMPT_BUCKET):
+    """Moves each row's real tokens to the end, padding the length to a bucket."""
+    token_ids = np.asarray(token_ids)
+    padding_mask = np.asarray(padding_mask).astype(bool)
+    batch, length = token_ids.shape
+    lengths = padding_mask.sum(1)
+    if (lengths == 0).any():
+        raise ValueError("Every prompt needs at least one token (<bos>).")
+    for row in range(batch):
+        if not padding_mask[row, : lengths[row]].all():
+            raise ValueError(
+                f"Row {row} of padding_mask is not left-aligned (ones then "
+                "zeros); prompts must start at position 0."
+            )
+    width = -(-int(lengths.max()) // bucket) * bucket
+    aligned = np.zeros((batch, width), np.int32)
+    valid = np.zeros((batch, width), np.int32)
+    for row in range(batch):
+        n = lengths[row]
+        aligned[row, width - n :] = token_ids[row, :n]
+        valid[row, width - n :] = 1
+    return aligned, valid
+
+
+class Decoder:
+    """Greedy decoding for a `PaliGemma2CausalLM` (one per model)."""
+
+    def __init__(self, causal_lm):
+        self.lm = causal_lm
+        self.backbone = causal_lm.backbone
+        self._compiled = {}
+
+    def __call__(self, images, token_ids, padding_mask, max_new_tokens, stop_token_ids):
+        """Returns (new tokens (B, max_new_tokens), first-step logits (B, V)).
+
+        Tokens after a row's stop token are the pad id 0.
+        """
+        aligned, valid = right_align(token_ids, padding_mask)
+        stop = np.asarray(sorted(set(stop_token_ids)) or [-1], np.int32)
+        key = (aligned.shape, int(max_new_tokens), tuple(stop))
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(
+                functools.partial(self._generate, max_new_tokens=int(max_new_tokens))
+            )
+        values = [v.value for v in self.backbone.variables]
+        return self._compiled[key](values, jnp.asarray(images), aligned, valid, stop)
+
+    def _generate(self, values, images, token_ids, valid, stop, max_new_tokens):
+        backbone = self.backbone
+        with keras.StatelessScope(state_mapping=list(zip(backbone.variables, values))):
+            return self._decode(images, token_ids, valid, stop, max_new_tokens)
+
+    def _decode(self, images, token_ids, valid, stop, max_new_tokens):
+        backbone = self.backbone
+        batch, prompt_len = token_ids.shape
+        num_image = backbone.num_image_tokens
+        prefill_len = num_image + prompt_len
+        cache_len = prefill_len + max_new_tokens
+        window = backbone.sliding_window_size
+
+        # --- Prefill: image + prompt, one bidirectional block. -------------
+        image_tokens = backbone.image_projection(backbone.vision_encoder(images))
+        text_tokens = backbone.token_embedding(token_ids)
+        x = jnp.concatenate([image_tokens.astype(text_tokens.dtype), text_tokens], 1)
+        cache_valid = jnp.zeros((batch, cache_len), jnp.int32)
+        cache_valid = cache_valid.at[:, :num_image].set(1)
+        cache_valid = cache_valid.at[:, num_image:prefill_len].set(valid)
+        cache_positions = jnp.cumsum(cache_valid, axis=1) - 1
+        cache_blocks = jnp.zeros((batch, cache_len), jnp.int32)
+        positions = cache_positions[:, :prefill_len]
+        masks = {}
+        for local in {backbone.is_local_layer(i, window) for i in range(backbone.num_layers)}:
+            masks[local] = make_attention_mask(
+                cache_valid,
+                cache_blocks,
+                query_valid=cache_valid[:, :prefill_len],
+                query_blocks=cache_blocks[:, :prefill_len],
+                query_positions=positions,
+                key_positions=cache_positions,
+                sliding_window=window if local else None,
+            )
+        caches = []
+        for i, block in enumerate(backbone.decoder_blocks):
+            empty = jnp.zeros(self._cache_shape(batch, cache_len), x.dtype)
+            x, cache = block(
+                x, positions, masks[backbone.is_local_layer(i, window)], kv_cache=empty, cache_index=0
+            )
+            caches.append(cache)
+        last = backbone.final_norm(x[:, -1:])
+        first_logits = self.lm.text_logits(last)[:, 0]
+        token = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
+        lengths = jnp.sum(valid, axis=1) + num_image
+
+        # --- Extend: one token per step, causal over the cache. -----------
+        def step(state):
+            index, token, done, caches, cache_valid, output = state
+            output = output.at[:, index].set(jnp.where(done, 0, token))
+            done = done | jnp.isin(token, stop)
+            slot = prefill_len + index
+            position = (lengths + index)[:, None]
+            cache_valid = cache_valid.at[:, slot].set(1)
+            cache_positions = jnp.cumsum(cache_valid, axis=1) - 1
+            # Each generated token is its own causal block (mask_ar = 1).
+            cache_blocks = jnp.where(
+                jnp.arange(cache_len)[None, :] >= prefill_len,
+                jnp.arange(cache_len)[None, :] - prefill_len + 1,
+                0,
+            )
+            query_block = jnp.full((batch, 1), index + 1, jnp.int32)
+            step_masks = {
+                local: make_attention_mask(
+                    cache_valid,
+                    cache_blocks,
+                    query_valid=jnp.ones((batch, 1), jnp.int32),
+                    query_blocks=query_block,
+                    query_positions=position,
+                    key_positions=cache_positions,
+                    sliding_window=window if local else None,
+                )
+                for local in masks
+            }
+            x = backbone.token_embedding(token[:, None])
+            new_caches = []
+            for i, block in enumerate(backbone.decoder_blocks):
+                x, cache = block(
+                    x,
+                    position,
+                    step_masks[backbone.is_local_layer(i, window)],
+                    kv_cache=caches[i],
+                    cache_index=slot,
+                )
+                new_caches.append(cache)
+            logits = self.lm.text_logits(backbone.final_norm(x))[:, 0]
+            next_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return index + 1, next_token, done, new_caches, cache_valid, output
+
+        def keep_going(state):
+            index, _, done, *_ = state
+            return (index < max_new_tokens) & ~jnp.all(done)
+
+        output = jnp.zeros((batch, max_new_tokens), jnp.int32)
+        done = jnp.zeros((batch,), bool)
+        state = (jnp.int32(0), token, done, caches, cache_valid, output)
+        state = jax.lax.while_loop(keep_going, step, state)
+        return state[-1], first_logits
+
+    def _cache_shape(self, batch, cache_len):
+        b = self.backbone
+        return (batch, 2, cache_len, b.num_key_value_heads, b.head_dim)

@@ -1,0 +1,157 @@
+"""Greedy decoding with the KV cache against big_vision, HF and our own full forward."""
+
+import numpy as np
+import pytest
+
+from keras_paligemma2 import PaliGemma2Backbone
+from keras_paligemma2 import PaliGemma2CausalLM
+from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
+from keras_paligemma2 import PaliGemma2ImageConverter
+from keras_paligemma2 import PaliGemma2Tokenizer
+from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+
+
+def test_big_vision_greedy_and_first_step_logits(fixtures_dir):
+    reference = np.load(fixtures_dir / "bv_tiny" / "reference_outputs.npz")
+    lm = PaliGemma2CausalLM.from_preset(fixtures_dir / "bv_tiny" / "tiny_f32.npz")
+    prompt = reference["prompt"]
+    mask = np.ones_like(prompt)
+    out = lm.generate(
+        {"images": reference["images"], "token_ids": prompt, "padding_mask": mask},
+        max_new_tokens=8,
+        stop_token_ids=None,
+    )
+    np.testing.assert_array_equal(out["token_ids"], reference["greedy"])
+    _, first = lm._decoder(reference["images"], prompt, mask, 8, [])
+    assert np.abs(np.asarray(first) - reference["step_logits"][:, 0]).max() < 1e-4
+
+
+def test_hf_greedy(fixtures_dir):
+    reference = np.load(fixtures_dir / "hf_tiny" / "reference_outputs.npz")
+    lm = PaliGemma2CausalLM.from_preset(fixtures_dir / "hf_tiny")
+    ids = reference["gen_prompt_ids"][:, 9:]
+    out = lm.generate(
+        {
+            "images": reference["pixel_values"].transpose(0, 2, 3, 1)[:1],
+            "token_ids": ids,
+            "padding_mask": np.ones_like(ids),
+        },
+        max_new_tokens=8,
+        stop_token_ids=None,
+    )
+    np.testing.assert_array_equal(out["token_ids"], reference["gen_output_ids"])
+
+
+@pytest.fixture(scope="module")
+def random_lm():
+    rng = np.random.default_rng(7)
+    backbone = PaliGemma2Backbone(
+        image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
+        vit_intermediate_dim=32, vocabulary_size=50, num_layers=2, hidden_dim=32,
+        num_query_heads=4, num_key_value_heads=2, head_dim=8, intermediate_dim=48,
+        final_logit_soft_cap=30.0, sliding_window_size=9,
+    )
+    for v in backbone.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32") * 0.5)
+    return PaliGemma2CausalLM(backbone)
+
+
+def _teacher_forced_greedy(lm, image, prompt, steps):
+    """Greedy by re-running the full (cache-free) forward each step."""
+    tokens = list(prompt)
+    generated = []
+    for _ in range(steps):
+        n = len(tokens)
+        logits = lm(
+            {
+                "images": image[None],
+                "token_ids": np.array([tokens]),
+                "padding_mask": np.ones((1, n), "int32"),
+                # The prompt is the prefix; generated tokens are causal.
+                "response_mask": np.array([[0] * len(prompt) + [1] * (n - len(prompt))]),
+            }
+        )
+        generated.append(int(np.argmax(np.asarray(logits)[0, -1])))
+        tokens.append(generated[-1])
+    return generated
+
+
+def test_cache_matches_full_forward_past_the_window(random_lm):
+    rng = np.random.default_rng(8)
+    image = rng.uniform(-1, 1, (28, 28, 3)).astype("float32")
+    prompt = [2, 5, 6, 7, 8]  # 4 image + 5 prompt + 6 new > window 9.
+    out = random_lm.generate(
+        {"images": image[None], "token_ids": np.array([prompt]), "padding_mask": np.ones((1, 5))},
+        max_new_tokens=6,
+        stop_token_ids=None,
+    )
+    assert out["token_ids"][0].tolist() == _teacher_forced_greedy(random_lm, image, prompt, 6)
+
+
+def test_ragged_batch_equals_each_alone(random_lm):
+    rng = np.random.default_rng(9)
+    images = rng.uniform(-1, 1, (3, 28, 28, 3)).astype("float32")
+    prompts = [[2, 5, 6], [2, 9, 10, 11, 12, 13, 14], [2, 7]]
+    token_ids = np.zeros((3, 7), "int32")
+    mask = np.zeros((3, 7), "int32")
+    for row, prompt in enumerate(prompts):
+        token_ids[row, : len(prompt)] = prompt
+        mask[row, : len(prompt)] = 1
+    tokens, first = random_lm._decoder(images, token_ids, mask, 5, [])
+    for row, prompt in enumerate(prompts):
+        alone_tokens, alone_first = random_lm._decoder(
+            images[row : row + 1], np.array([prompt]), np.ones((1, len(prompt))), 5, []
+        )
+        np.testing.assert_array_equal(np.asarray(tokens)[row], np.asarray(alone_tokens)[0])
+        np.testing.assert_allclose(np.asarray(first)[row], np.asarray(alone_first)[0], atol=1e-5)
+
+
+def test_stop_tokens_end_rows(random_lm):
+    rng = np.random.default_rng(10)
+    images = rng.uniform(-1, 1, (1, 28, 28, 3)).astype("float32")
+    free = random_lm.generate(
+        {"images": images, "token_ids": np.array([[2, 5]]), "padding_mask": np.ones((1, 2))},
+        max_new_tokens=6,
+        stop_token_ids=None,
+    )["token_ids"][0]
+    stop = int(free[2])
+    first_stop = list(free).index(stop)
+    out = random_lm.generate(
+        {"images": images, "token_ids": np.array([[2, 5]]), "padding_mask": np.ones((1, 2))},
+        max_new_tokens=6,
+        stop_token_ids=[stop],
+    )
+    assert out["token_ids"][0, : first_stop + 1].tolist() == free[: first_stop + 1].tolist()
+    assert out["padding_mask"][0].tolist() == [1] * (first_stop + 1) + [0] * (5 - first_stop)
+    assert (out["token_ids"][0, first_stop + 1 :] == 0).all()
+
+
+def test_text_in_text_out_reuses_one_compiled_function():
+    tokenizer = PaliGemma2Tokenizer(train_tiny_sentencepiece(["caption en", "answer en what is it", "a cat"]))
+    backbone = PaliGemma2Backbone(
+        image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
+        vit_intermediate_dim=32, vocabulary_size=tokenizer.vocabulary_size(), num_layers=1,
+        hidden_dim=32, num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=48,
+    )
+    lm = PaliGemma2CausalLM(backbone, PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28)))
+    image = np.zeros((40, 40, 3), "uint8")
+    text = lm.generate({"images": image, "prompts": "caption en"}, max_new_tokens=4)
+    assert isinstance(text, str)
+    texts = lm.generate({"images": [image, image], "prompts": ["caption en", "answer en what is it"]}, max_new_tokens=4)
+    assert isinstance(texts, list) and len(texts) == 2
+    lm.generate({"images": [image, image], "prompts": ["answer en what", "caption en"]}, max_new_tokens=4)
+    assert len(lm._decoder._compiled) == 2  # (1, 16) and (2, 16) shapes only.
+
+
+def test_bad_generate_inputs(random_lm):
+    with pytest.raises(ValueError, match="missing \\['padding_mask'\\]"):
+        random_lm.generate({"images": np.zeros((1, 28, 28, 3)), "token_ids": np.array([[2]])})
+    with pytest.raises(ValueError, match="leaves no room"):
+        random_lm.generate(
+            {"images": np.zeros((1, 28, 28, 3)), "token_ids": np.array([[2, 3]]), "padding_mask": np.ones((1, 2))},
+            max_length=2,
+        )
+    with pytest.raises(ValueError, match="not left-aligned"):
+        random_lm.generate(
+            {"images": np.zeros((1, 28, 28, 3)), "token_ids": np.array([[0, 2]]), "padding_mask": np.array([[0, 1]])}
+        )
