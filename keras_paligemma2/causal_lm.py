@@ -150,6 +150,40 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             texts.append(self.preprocessor.tokenizer.detokenize(kept) if kept else "")
         return texts[0] if single else texts
 
+    def score(self, inputs, per_token=False):
+        """Log-probabilities of given responses (big_vision's scoring logits).
+
+        With a preprocessor: `{"images", "prompts", "responses"}`. Without:
+        backbone inputs plus nothing else: `images`, `token_ids`,
+        `padding_mask` and `response_mask` (1 on response tokens and
+        `<eos>`), as the preprocessor lays them out.
+
+        Returns:
+            (B,) summed log-probability of each response including `<eos>`,
+            or with `per_token=True` (B, T) per-token log-probabilities
+            (0 where not a response token).
+        """
+        if self.preprocessor is not None:
+            x, labels, weights = self.preprocessor(inputs)
+        else:
+            missing = [
+                k for k in ("images", "token_ids", "padding_mask", "response_mask") if k not in inputs
+            ]
+            if missing:
+                raise ValueError(f"score takes backbone inputs; missing {missing}.")
+            token_ids = np.asarray(inputs["token_ids"])
+            x = {k: np.asarray(v) for k, v in inputs.items()}
+            # Predict token t+1 from position t; the label counts when it is
+            # a response token.
+            labels = token_ids[:, 1:]
+            weights = np.asarray(inputs["response_mask"])[:, 1:].astype("float32")
+            x = {**x, **{k: x[k][:, :-1] for k in ("token_ids", "padding_mask", "response_mask")}}
+        logits = np.asarray(self.predict_on_batch(x), np.float32)
+        log_probs = logits - _logsumexp(logits)
+        picked = np.take_along_axis(log_probs, np.asarray(labels)[..., None], axis=-1)[..., 0]
+        picked = picked * weights
+        return picked if per_token else picked.sum(axis=1)
+
     def __call__(self, inputs, *args, **kwargs):
         validate_backbone_inputs(inputs, self.backbone.image_size)
         return super().__call__(inputs, *args, **kwargs)
@@ -184,3 +218,8 @@ def _until_stop(tokens, stop_token_ids):
         if stops.size:
             mask[row, stops[0] + 1 :] = 0
     return mask
+
+
+def _logsumexp(logits):
+    top = logits.max(axis=-1, keepdims=True)
+    return top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))

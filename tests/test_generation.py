@@ -141,6 +141,8 @@ def test_text_in_text_out_reuses_one_compiled_function():
     assert isinstance(texts, list) and len(texts) == 2
     lm.generate({"images": [image, image], "prompts": ["answer en what", "caption en"]}, max_new_tokens=4)
     assert len(lm._decoder._compiled) == 2  # (1, 16) and (2, 16) shapes only.
+    scores = lm.score({"images": [image, image], "prompts": ["caption en"] * 2, "responses": ["a cat", "a"]})
+    assert scores.shape == (2,) and (scores < 0).all()
 
 
 def test_bad_generate_inputs(random_lm):
@@ -155,3 +157,21 @@ def test_bad_generate_inputs(random_lm):
         random_lm.generate(
             {"images": np.zeros((1, 28, 28, 3)), "token_ids": np.array([[0, 2]]), "padding_mask": np.array([[0, 1]])}
         )
+
+
+def test_score_is_the_log_probability_of_the_response(fixtures_dir):
+    reference = np.load(fixtures_dir / "bv_tiny" / "reference_outputs.npz")
+    lm = PaliGemma2CausalLM.from_preset(fixtures_dir / "bv_tiny" / "tiny_f32.npz")
+    text, mask_ar = reference["text"], reference["mask_ar"]
+    scores = lm.score(
+        {"images": reference["images"], "token_ids": text, "padding_mask": np.ones_like(text), "response_mask": mask_ar},
+        per_token=True,
+    )
+    # big_vision's scoring logits: log-softmax, next token, response only.
+    logits = reference["text_logits"].astype(np.float64)
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    want = np.take_along_axis(log_probs[:, :-1], text[:, 1:, None], -1)[..., 0] * mask_ar[:, 1:]
+    np.testing.assert_allclose(scores, want, atol=1e-4)
+    totals = lm.score({"images": reference["images"], "token_ids": text, "padding_mask": np.ones_like(text), "response_mask": mask_ar})
+    np.testing.assert_allclose(totals, want.sum(1), atol=1e-3)
+    assert (totals < 0).all()
