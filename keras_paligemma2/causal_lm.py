@@ -178,7 +178,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             labels = token_ids[:, 1:]
             weights = np.asarray(inputs["response_mask"])[:, 1:].astype("float32")
             x = {**x, **{k: x[k][:, :-1] for k in ("token_ids", "padding_mask", "response_mask")}}
-        logits = np.asarray(self.predict_on_batch(x), np.float32)
+        logits = np.asarray(self(x, training=False), np.float32)
         log_probs = logits - _logsumexp(logits)
         picked = np.take_along_axis(log_probs, np.asarray(labels)[..., None], axis=-1)[..., 0]
         picked = picked * weights
