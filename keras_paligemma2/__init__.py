@@ -25,6 +25,8 @@ from keras_paligemma2.checkpoints.common import CheckpointError  # noqa: E402
 from keras_paligemma2.image_converter import PaliGemma2ImageConverter  # noqa: E402
 from keras_paligemma2.preprocessor import PaliGemma2CausalLMPreprocessor  # noqa: E402
 from keras_paligemma2.presets import list_presets  # noqa: E402
+from keras_paligemma2.task_outputs import MaskDecoder  # noqa: E402
+from keras_paligemma2.task_outputs import parse_detections  # noqa: E402
 from keras_paligemma2.tokenizer import PaliGemma2Tokenizer  # noqa: E402
 
 __version__ = "0.1.0"
@@ -36,5 +38,7 @@ __all__ = [
     "PaliGemma2CausalLMPreprocessor",
     "PaliGemma2ImageConverter",
     "PaliGemma2Tokenizer",
+    "MaskDecoder",
     "list_presets",
+    "parse_detections",
 ]
