@@ -80,8 +80,12 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         max_new_tokens=64,
         max_length=None,
         stop_token_ids="auto",
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        seed=0,
     ):
-        """Greedy decoding after a bidirectional prefill of image + prompt.
+        """Decoding after a bidirectional prefill of image + prompt.
 
         With a preprocessor: `inputs` is `{"images": ..., "prompts": ...}`
         (one image and one string, or lists); returns the generated text
@@ -97,12 +101,20 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             max_length: int or None; if given, the most prompt + generated
                 text tokens (keras-hub's meaning), replacing max_new_tokens.
             stop_token_ids: "auto" (`<eos>`), None, or a list of ids.
+            temperature: 0 (default) decodes greedily; above 0 samples from
+                the logits divided by it.
+            top_k, top_p: restrict sampling to the k most likely tokens, or
+                to the smallest set reaching probability p (nucleus).
+            seed: int, for reproducible sampling.
 
         Rows of a batch may have prompts of different lengths: each gives
         exactly what it gives alone. Prompt lengths are rounded up to a
         multiple of 16, so calls reuse one compiled function.
         """
         from keras_paligemma2.generation import Decoder
+        from keras_paligemma2.generation import Sampler
+
+        sampler = Sampler(temperature, top_k, top_p, seed)
 
         single = False
         if self.preprocessor is not None:
@@ -138,7 +150,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         if not hasattr(self, "_decoder"):
             self._decoder = Decoder(self)
         tokens, _ = self._decoder(
-            images, token_ids, padding_mask, max_new_tokens, stop_token_ids or []
+            images, token_ids, padding_mask, max_new_tokens, stop_token_ids or [], sampler
         )
         tokens = np.asarray(tokens)
         mask = _until_stop(tokens, stop_token_ids or [])

@@ -48,35 +48,88 @@ def right_align(token_ids, padding_mask, bucket=PROMPT_BUCKET):
     return aligned, valid
 
 
+class Sampler:
+    """How the next token is chosen from the logits.
+
+    Args:
+        temperature: logits are divided by it before sampling; 0 (or
+            `greedy=True`) picks the most likely token.
+        top_k: sample among the k most likely tokens only.
+        top_p: sample from the smallest set of most likely tokens whose
+            probability reaches p (nucleus sampling).
+        seed: int, for reproducible sampling.
+    """
+
+    def __init__(self, temperature=0.0, top_k=None, top_p=None, seed=0):
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0; got {temperature}.")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1; got {top_k}.")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {top_p}.")
+        self.temperature = float(temperature)
+        self.top_k = top_k
+        self.top_p = top_p
+        self.seed = int(seed)
+
+    @property
+    def greedy(self):
+        return self.temperature == 0.0
+
+    def key(self):
+        return (self.temperature, self.top_k, self.top_p)
+
+    def __call__(self, logits, rng):
+        if self.greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits.astype(jnp.float32) / self.temperature
+        if self.top_k is not None:
+            kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        if self.top_p is not None:
+            ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+            cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
+            # Keep tokens until the cumulative probability reaches top_p
+            # (the token that crosses it included).
+            cutoff_index = jnp.sum(cumulative < self.top_p, axis=-1, keepdims=True)
+            cutoff = jnp.take_along_axis(ordered, cutoff_index, axis=-1)
+            logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
 class Decoder:
-    """Greedy decoding for a `PaliGemma2CausalLM` (one per model)."""
+    """KV-cache decoding for a `PaliGemma2CausalLM` (one per model)."""
 
     def __init__(self, causal_lm):
         self.lm = causal_lm
         self.backbone = causal_lm.backbone
         self._compiled = {}
 
-    def __call__(self, images, token_ids, padding_mask, max_new_tokens, stop_token_ids):
+    def __call__(self, images, token_ids, padding_mask, max_new_tokens, stop_token_ids, sampler=None):
         """Returns (new tokens (B, max_new_tokens), first-step logits (B, V)).
 
         Tokens after a row's stop token are the pad id 0.
         """
+        sampler = sampler or Sampler()
         aligned, valid = right_align(token_ids, padding_mask)
         stop = np.asarray(sorted(set(stop_token_ids)) or [-1], np.int32)
-        key = (aligned.shape, int(max_new_tokens), tuple(stop))
+        key = (aligned.shape, int(max_new_tokens), tuple(stop), sampler.key())
         if key not in self._compiled:
             self._compiled[key] = jax.jit(
-                functools.partial(self._generate, max_new_tokens=int(max_new_tokens))
+                functools.partial(
+                    self._generate, max_new_tokens=int(max_new_tokens), sampler=sampler
+                )
             )
         values = [v.value for v in self.backbone.variables]
-        return self._compiled[key](values, jnp.asarray(images), aligned, valid, stop)
+        rng = jax.random.key(sampler.seed)
+        return self._compiled[key](values, jnp.asarray(images), aligned, valid, stop, rng)
 
-    def _generate(self, values, images, token_ids, valid, stop, max_new_tokens):
+    def _generate(self, values, images, token_ids, valid, stop, rng, max_new_tokens, sampler):
         backbone = self.backbone
         with keras.StatelessScope(state_mapping=list(zip(backbone.variables, values))):
-            return self._decode(images, token_ids, valid, stop, max_new_tokens)
+            return self._decode(images, token_ids, valid, stop, rng, max_new_tokens, sampler)
 
-    def _decode(self, images, token_ids, valid, stop, max_new_tokens):
+    def _decode(self, images, token_ids, valid, stop, rng, max_new_tokens, sampler):
         backbone = self.backbone
         batch, prompt_len = token_ids.shape
         num_image = backbone.num_image_tokens
@@ -114,12 +167,13 @@ class Decoder:
             caches.append(cache)
         last = backbone.final_norm(x[:, -1:])
         first_logits = self.lm.text_logits(last)[:, 0]
-        token = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
+        rng, pick = jax.random.split(rng)
+        token = sampler(first_logits, pick)
         lengths = jnp.sum(valid, axis=1) + num_image
 
         # --- Extend: one token per step, causal over the cache. -----------
         def step(state):
-            index, token, done, caches, cache_valid, output = state
+            index, token, done, caches, cache_valid, output, rng = state
             output = output.at[:, index].set(jnp.where(done, 0, token))
             done = done | jnp.isin(token, stop)
             slot = prefill_len + index
@@ -157,8 +211,9 @@ class Decoder:
                 )
                 new_caches.append(cache)
             logits = self.lm.text_logits(backbone.final_norm(x))[:, 0]
-            next_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            return index + 1, next_token, done, new_caches, cache_valid, output
+            rng, pick = jax.random.split(rng)
+            next_token = sampler(logits, pick)
+            return index + 1, next_token, done, new_caches, cache_valid, output, rng
 
         def keep_going(state):
             index, _, done, *_ = state
@@ -166,9 +221,9 @@ class Decoder:
 
         output = jnp.zeros((batch, max_new_tokens), jnp.int32)
         done = jnp.zeros((batch,), bool)
-        state = (jnp.int32(0), token, done, caches, cache_valid, output)
+        state = (jnp.int32(0), token, done, caches, cache_valid, output, rng)
         state = jax.lax.while_loop(keep_going, step, state)
-        return state[-1], first_logits
+        return state[-2], first_logits
 
     def _cache_shape(self, batch, cache_len):
         b = self.backbone

@@ -175,3 +175,36 @@ def test_score_is_the_log_probability_of_the_response(fixtures_dir):
     totals = lm.score({"images": reference["images"], "token_ids": text, "padding_mask": np.ones_like(text), "response_mask": mask_ar})
     np.testing.assert_allclose(totals, want.sum(1), atol=1e-3)
     assert (totals < 0).all()
+
+
+def test_sampler_restrictions_on_known_logits():
+    import jax
+    import jax.numpy as jnp
+
+    from keras_paligemma2.generation import Sampler
+
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 2000)
+    draw = lambda sampler: np.array([int(sampler(logits, k)[0]) for k in keys[:400]])
+    assert set(draw(Sampler(1.0, top_k=2))) <= {0, 1}
+    assert set(draw(Sampler(1.0, top_p=0.7))) <= {0, 1}  # 0.5 < 0.7 <= 0.8.
+    assert set(draw(Sampler(1.0, top_p=0.5))) == {0}
+    counts = np.bincount(draw(Sampler(1.0)), minlength=4) / 400
+    assert np.abs(counts - [0.5, 0.3, 0.15, 0.05]).max() < 0.08
+    assert int(Sampler()(logits, keys[0])[0]) == 0  # Greedy.
+    with pytest.raises(ValueError, match="top_p"):
+        Sampler(1.0, top_p=1.5)
+
+
+def test_sampling_is_reproducible_and_differs_from_greedy(random_lm):
+    rng = np.random.default_rng(11)
+    inputs = {
+        "images": rng.uniform(-1, 1, (2, 28, 28, 3)).astype("float32"),
+        "token_ids": np.array([[2, 5, 6], [2, 7, 0]]),
+        "padding_mask": np.array([[1, 1, 1], [1, 1, 0]]),
+    }
+    a = random_lm.generate(inputs, max_new_tokens=8, stop_token_ids=None, temperature=2.0, seed=1)
+    b = random_lm.generate(inputs, max_new_tokens=8, stop_token_ids=None, temperature=2.0, seed=1)
+    c = random_lm.generate(inputs, max_new_tokens=8, stop_token_ids=None, temperature=2.0, seed=2)
+    np.testing.assert_array_equal(a["token_ids"], b["token_ids"])
+    assert (a["token_ids"] != c["token_ids"]).any()
