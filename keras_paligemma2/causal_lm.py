@@ -162,6 +162,81 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             texts.append(self.preprocessor.tokenizer.detokenize(kept) if kept else "")
         return texts[0] if single else texts
 
+    # --- Task prompts (big_vision's prefixes) ------------------------------
+
+    def _ask(self, images, prompt, **kwargs):
+        if self.preprocessor is None:
+            raise ValueError(
+                "This model has no tokenizer/preprocessor, so it cannot take "
+                "text prompts. Load a preset that has one (registered names, HF "
+                "directories with tokenizer.model, saved presets)."
+            )
+        many = isinstance(images, (list, tuple))
+        batch = list(images) if many else [images]
+        prompts = [prompt(i) if callable(prompt) else prompt for i in range(len(batch))]
+        texts = self.generate({"images": batch, "prompts": prompts}, **kwargs)
+        return texts if many else texts[0]
+
+    def caption(self, images, language="en", **kwargs):
+        """`caption {language}`: a short caption of each image."""
+        return self._ask(images, f"caption {language}", **kwargs)
+
+    def answer(self, images, question, language="en", **kwargs):
+        """`answer {language} {question}`."""
+        return self._ask(images, f"answer {language} {question}", **kwargs)
+
+    def ocr(self, images, **kwargs):
+        """`ocr`: the text in each image."""
+        return self._ask(images, "ocr", **kwargs)
+
+    def detect(self, images, labels, **kwargs):
+        """`detect a ; b`: objects with pixel boxes in each image's own size.
+
+        Returns a list of `{"box": (y_min, x_min, y_max, x_max), "label"}`
+        per image (a list of lists for a list of images).
+        """
+        from keras_paligemma2.image_converter import to_rgb_array
+        from keras_paligemma2.task_outputs import parse_detections
+
+        labels = [labels] if isinstance(labels, str) else list(labels)
+        texts = self._ask(images, "detect " + " ; ".join(labels), **kwargs)
+        many = isinstance(images, (list, tuple))
+        batch, texts = (list(images), texts) if many else ([images], [texts])
+        found = [
+            parse_detections(text, to_rgb_array(image).shape[:2])
+            for image, text in zip(batch, texts)
+        ]
+        return found if many else found[0]
+
+    def segment(self, images, label, mask_decoder, **kwargs):
+        """`segment {label}`: objects with pixel boxes and boolean masks.
+
+        Args:
+            mask_decoder: a `MaskDecoder`, or the path of big_vision's
+                `vae-oid.npz`.
+        """
+        from keras_paligemma2.image_converter import to_rgb_array
+        from keras_paligemma2.task_outputs import MaskDecoder
+        from keras_paligemma2.task_outputs import parse_detections
+        from keras_paligemma2.task_outputs import paste_mask
+
+        if not isinstance(mask_decoder, MaskDecoder):
+            mask_decoder = MaskDecoder.from_checkpoint(mask_decoder)
+        kwargs.setdefault("max_new_tokens", 64)
+        texts = self._ask(images, f"segment {label}", **kwargs)
+        many = isinstance(images, (list, tuple))
+        batch, texts = (list(images), texts) if many else ([images], [texts])
+        results = []
+        for image, text in zip(batch, texts):
+            size = to_rgb_array(image).shape[:2]
+            objects = [o for o in parse_detections(text, size) if "codes" in o]
+            if objects:
+                logits = np.asarray(mask_decoder(np.array([o["codes"] for o in objects])))
+                for obj, mask_logits in zip(objects, logits):
+                    obj["mask"] = paste_mask(mask_logits, obj["box"], size)
+            results.append(objects)
+        return results if many else results[0]
+
     def score(self, inputs, per_token=False):
         """Log-probabilities of given responses (big_vision's scoring logits).
 

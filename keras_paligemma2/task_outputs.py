@@ -206,3 +206,52 @@ def paste_mask(mask_logits, box, image_size):
     )
     mask[y_min:y_max, x_min:x_max] = np.asarray(resized) > 0
     return mask
+
+
+_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
+
+
+def draw(image, objects, path=None):
+    """Draws boxes, labels and masks onto a copy of `image`; optionally saves a PNG.
+
+    Args:
+        image: anything `PaliGemma2ImageConverter` accepts.
+        objects: from `detect` or `segment` (pixel boxes, optional masks).
+        path: where to write the PNG (written to a temporary name, then
+            renamed); None only returns the picture.
+
+    Returns:
+        The annotated `PIL.Image.Image`.
+    """
+    import os
+    import tempfile
+
+    import PIL.ImageDraw
+
+    from keras_paligemma2.image_converter import to_rgb_array
+
+    pixels = to_rgb_array(image).astype(np.float32)
+    for i, obj in enumerate(objects):
+        if "mask" in obj:
+            colour = np.array(_COLOURS[i % len(_COLOURS)], np.float32)
+            mask = obj["mask"][..., None]
+            pixels = np.where(mask, 0.5 * pixels + 0.5 * colour, pixels)
+    picture = PIL.Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    pen = PIL.ImageDraw.Draw(picture)
+    for i, obj in enumerate(objects):
+        colour = _COLOURS[i % len(_COLOURS)]
+        y_min, x_min, y_max, x_max = obj["box"]
+        pen.rectangle((x_min, y_min, x_max, y_max), outline=colour, width=3)
+        if obj.get("label"):
+            pen.text((x_min + 4, max(y_min - 12, 0)), obj["label"], fill=colour)
+    if path is not None:
+        directory = os.path.dirname(os.path.abspath(path))
+        handle, staging = tempfile.mkstemp(suffix=".png", dir=directory)
+        os.close(handle)
+        try:
+            picture.save(staging, format="PNG")
+            os.replace(staging, path)
+        except BaseException:
+            os.remove(staging)
+            raise
+    return picture

@@ -48,7 +48,8 @@ def test_malformed_objects_are_skipped():
     assert parse_detections(None) == []
 
 
-boxes = st.tuples(*[st.integers(0, 1023)] * 4).filter(lambda b: b[2] > b[0] and b[3] > b[1])
+_span = st.lists(st.integers(0, 1023), min_size=2, max_size=2, unique=True).map(sorted)
+boxes = st.tuples(_span, _span).map(lambda s: (s[0][0], s[1][0], s[0][1], s[1][1]))
 
 
 @given(st.lists(st.tuples(boxes, st.sampled_from(["cat", "dog", "red circle"])), max_size=5))
@@ -80,3 +81,63 @@ def test_paste_mask_into_box():
     mask = paste_mask(logits, (10, 20, 30, 60), (50, 100))
     assert mask[10:30, 41:60].all() and not mask[10:30, 20:39].any()
     assert not mask[:10].any() and not mask[30:].any()
+
+
+@pytest.fixture
+def text_lm():
+    from keras_paligemma2 import PaliGemma2Backbone
+    from keras_paligemma2 import PaliGemma2CausalLM
+    from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
+    from keras_paligemma2 import PaliGemma2ImageConverter
+    from keras_paligemma2 import PaliGemma2Tokenizer
+    from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+
+    tokenizer = PaliGemma2Tokenizer(train_tiny_sentencepiece(["detect cat", "segment cat", "caption en"]))
+    backbone = PaliGemma2Backbone(
+        image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
+        vit_intermediate_dim=32, vocabulary_size=tokenizer.vocabulary_size(), num_layers=1,
+        hidden_dim=32, num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=48,
+    )
+    return PaliGemma2CausalLM(backbone, PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28)))
+
+
+def test_task_calls_send_big_vision_prompts_and_scale_boxes(text_lm, monkeypatch, fixtures_dir, tmp_path):
+    seen = []
+    reply = "<loc0000><loc0000><loc0511><loc1023> cat"
+
+    def fake_generate(inputs, **kwargs):
+        seen.append(inputs["prompts"])
+        return [reply] * len(inputs["prompts"])
+
+    monkeypatch.setattr(text_lm, "generate", fake_generate)
+    image = np.zeros((100, 200, 3), np.uint8)
+    assert text_lm.caption(image) == reply
+    text_lm.answer([image, image], "how many cats?", language="de")
+    text_lm.ocr(image)
+    objects = text_lm.detect(image, ["cat", "dog"])
+    assert seen == [["caption en"], ["answer de how many cats?"] * 2, ["ocr"], ["detect cat ; dog"]]
+    assert objects[0]["label"] == "cat"
+    assert objects[0]["box"] == pytest.approx((0, 0, 511 / 1023 * 100, 200))
+
+    reference = np.load(fixtures_dir / "vae_tiny" / "reference_outputs.npz")
+    reply = "<loc0000><loc0000><loc1023><loc1023>" + "".join(f"<seg{c:03d}>" for c in reference["codes"][0]) + " cat"
+    (segmented,) = text_lm.segment(image, "cat", fixtures_dir / "vae_tiny" / "vae.npz")
+    assert seen[-1] == ["segment cat"]
+    assert segmented["mask"].shape == (100, 200)
+    expected = np.asarray(
+        __import__("PIL.Image", fromlist=["Image"]).fromarray(reference["mask_logits"][0]).resize((200, 100), resample=2)
+    ) > 0
+    np.testing.assert_array_equal(segmented["mask"], expected)
+    from keras_paligemma2.task_outputs import draw
+
+    picture = draw(image, [segmented], tmp_path / "out.png")
+    assert picture.size == (200, 100) and (tmp_path / "out.png").exists()
+    assert np.asarray(picture).any()  # Something was drawn on the black image.
+
+
+def test_text_prompts_need_a_tokenizer(fixtures_dir):
+    from keras_paligemma2 import PaliGemma2CausalLM
+
+    lm = PaliGemma2CausalLM.from_preset(fixtures_dir / "bv_tiny" / "tiny_f32.npz")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        lm.caption(np.zeros((42, 42, 3), np.uint8))
