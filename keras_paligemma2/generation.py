@@ -172,10 +172,11 @@ class Decoder:
         lengths = jnp.sum(valid, axis=1) + num_image
 
         # --- Extend: one token per step, causal over the cache. -----------
+        # State: `token` was just chosen and stored at `index`; a step feeds
+        # it, chooses the next and stores it at index + 1. n tokens take
+        # n - 1 steps.
         def step(state):
             index, token, done, caches, cache_valid, output, rng = state
-            output = output.at[:, index].set(jnp.where(done, 0, token))
-            done = done | jnp.isin(token, stop)
             slot = prefill_len + index
             position = (lengths + index)[:, None]
             cache_valid = cache_valid.at[:, slot].set(1)
@@ -213,14 +214,16 @@ class Decoder:
             logits = self.lm.text_logits(backbone.final_norm(x))[:, 0]
             rng, pick = jax.random.split(rng)
             next_token = sampler(logits, pick)
+            output = output.at[:, index + 1].set(jnp.where(done, 0, next_token))
+            done = done | jnp.isin(next_token, stop)
             return index + 1, next_token, done, new_caches, cache_valid, output, rng
 
         def keep_going(state):
             index, _, done, *_ = state
-            return (index < max_new_tokens) & ~jnp.all(done)
+            return (index + 1 < max_new_tokens) & ~jnp.all(done)
 
-        output = jnp.zeros((batch, max_new_tokens), jnp.int32)
-        done = jnp.zeros((batch,), bool)
+        output = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
+        done = jnp.isin(token, stop)
         state = (jnp.int32(0), token, done, caches, cache_valid, output, rng)
         state = jax.lax.while_loop(keep_going, step, state)
         return state[-2], first_logits

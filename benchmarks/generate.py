@@ -1,0 +1,114 @@
+"""Decoding speed of ours against keras-hub's PaliGemmaCausalLM, same weights.
+
+    python benchmarks/generate.py [--repeats 3]
+
+Shared benchmark config, random float32 weights moved from keras-hub's model
+into ours through a keras-hub preset. 16-token prompts, batch 1 and 8, 32 and
+64 new tokens, no stop token, after a warm-up call of the same shape.
+Per-token decode time is (T(64) - T(32)) / 32; time to first token is
+measured directly for ours (`max_new_tokens=1`) and, for keras-hub, which can
+only run to `max_length`, extrapolated as T(32) - 31 * step with
+`max_length` 48 (keras-hub prefills the whole padded length, so its true
+figure at `max_length` 80 is higher). Compile time: the first call minus a
+warm call of the same shape.
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys_path = os.path.dirname(os.path.abspath(__file__))
+import sys  # noqa: E402
+
+sys.path.insert(0, sys_path)
+from forward import KERAS_HUB_CONFIG  # noqa: E402
+
+from keras_paligemma2 import PaliGemma2CausalLM  # noqa: E402
+
+PROMPT = 16
+
+
+def inputs(batch, length, rng):
+    token_ids = np.zeros((batch, length), "int32")
+    token_ids[:, :PROMPT] = rng.integers(3, 250_000, (batch, PROMPT))
+    token_ids[:, 0] = 2
+    padding_mask = np.zeros((batch, length), "int32")
+    padding_mask[:, :PROMPT] = 1
+    images = rng.uniform(-1, 1, (batch, 224, 224, 3)).astype("float32")
+    return {"images": images, "token_ids": token_ids, "padding_mask": padding_mask}
+
+
+def timed(run, repeats):
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    warm = statistics.median(times)
+    return warm, first - warm
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    theirs = keras_hub.models.PaliGemmaCausalLM(
+        backbone=keras_hub.models.PaliGemmaBackbone(**KERAS_HUB_CONFIG), preprocessor=None
+    )
+    for v in theirs.backbone.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32") * 0.05)
+    theirs.compile(sampler="greedy")
+    with tempfile.TemporaryDirectory() as preset:
+        theirs.backbone.save_to_preset(preset)
+        ours = PaliGemma2CausalLM.from_preset(preset)
+    print(f"device: {jax.devices()[0].platform}, float32, 16-token prompts")
+    for batch in (1, 8):
+        row = {}
+        for new in (32, 64):
+            x = inputs(batch, PROMPT, rng)
+
+            def run_ours(x=x, new=new):
+                ours.generate(x, max_new_tokens=new, stop_token_ids=None)
+
+            row[("ours", new)] = timed(run_ours, args.repeats)
+            xk = inputs(batch, PROMPT + new, rng)
+
+            def run_theirs(xk=xk, new=new):
+                theirs.generate(xk, max_length=PROMPT + new, stop_token_ids=None)
+
+            row[("keras-hub", new)] = timed(run_theirs, args.repeats)
+        x = inputs(batch, PROMPT, rng)
+        ttft_ours, _ = timed(lambda: ours.generate(x, max_new_tokens=1, stop_token_ids=None), args.repeats)
+        for name in ("ours", "keras-hub"):
+            t32, c32 = row[(name, 32)]
+            t64, _ = row[(name, 64)]
+            step = (t64 - t32) / 32
+            ttft = ttft_ours if name == "ours" else t32 - 31 * step
+            row[name] = (step, ttft)
+            print(
+                f"batch {batch} {name:9s}: T(32) {t32:6.2f} s, T(64) {t64:6.2f} s, "
+                f"decode {step * 1e3:7.1f} ms/step = {batch / step:7.1f} tokens/s, "
+                f"first token {ttft * 1e3:7.1f} ms, compile {c32:5.1f} s",
+                flush=True,
+            )
+        print(
+            f"batch {batch} ratio keras-hub/ours: decode step {row['keras-hub'][0] / row['ours'][0]:.2f}x, "
+            f"first token {row['keras-hub'][1] / row['ours'][1]:.2f}x",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
