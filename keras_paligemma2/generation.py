@@ -175,18 +175,16 @@ class Decoder:
         # State: `token` was just chosen and stored at `index`; a step feeds
         # it, chooses the next and stores it at index + 1. n tokens take
         # n - 1 steps.
+        # Each generated token is its own causal block (mask_ar = 1).
+        slots = jnp.arange(cache_len)[None, :]
+        cache_blocks = jnp.where(slots >= prefill_len, slots - prefill_len + 1, 0)
+
         def step(state):
-            index, token, done, caches, cache_valid, output, rng = state
+            index, token, done, caches, cache_valid, cache_positions, output, rng = state
             slot = prefill_len + index
             position = (lengths + index)[:, None]
             cache_valid = cache_valid.at[:, slot].set(1)
-            cache_positions = jnp.cumsum(cache_valid, axis=1) - 1
-            # Each generated token is its own causal block (mask_ar = 1).
-            cache_blocks = jnp.where(
-                jnp.arange(cache_len)[None, :] >= prefill_len,
-                jnp.arange(cache_len)[None, :] - prefill_len + 1,
-                0,
-            )
+            cache_positions = cache_positions.at[:, slot].set(position[:, 0])
             query_block = jnp.full((batch, 1), index + 1, jnp.int32)
             step_masks = {
                 local: make_attention_mask(
@@ -216,7 +214,9 @@ class Decoder:
             next_token = sampler(logits, pick)
             output = output.at[:, index + 1].set(jnp.where(done, 0, next_token))
             done = done | jnp.isin(next_token, stop)
-            return index + 1, next_token, done, new_caches, cache_valid, output, rng
+            return (
+                index + 1, next_token, done, new_caches, cache_valid, cache_positions, output, rng
+            )
 
         def keep_going(state):
             index, _, done, *_ = state
@@ -224,7 +224,7 @@ class Decoder:
 
         output = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
         done = jnp.isin(token, stop)
-        state = (jnp.int32(0), token, done, caches, cache_valid, output, rng)
+        state = (jnp.int32(0), token, done, caches, cache_valid, cache_positions, output, rng)
         state = jax.lax.while_loop(keep_going, step, state)
         return state[-2], first_logits
 
