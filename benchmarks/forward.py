@@ -49,6 +49,19 @@ KERAS_HUB_CONFIG = dict(
 )
 
 
+def same_weights_pair(rng):
+    """keras-hub's PaliGemmaCausalLM with random weights, and ours loaded from it."""
+    theirs = keras_hub.models.PaliGemmaCausalLM(
+        backbone=keras_hub.models.PaliGemmaBackbone(**KERAS_HUB_CONFIG), preprocessor=None
+    )
+    for v in theirs.backbone.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32") * 0.05)
+    with tempfile.TemporaryDirectory() as preset:
+        theirs.backbone.save_to_preset(preset)
+        ours = PaliGemma2CausalLM.from_preset(preset)
+    return theirs, ours
+
+
 def jitted_forward(model):
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
@@ -92,14 +105,7 @@ def main():
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    theirs = keras_hub.models.PaliGemmaCausalLM(
-        backbone=keras_hub.models.PaliGemmaBackbone(**KERAS_HUB_CONFIG), preprocessor=None
-    )
-    for v in theirs.backbone.weights:
-        v.assign(rng.normal(size=v.shape).astype("float32") * 0.05)
-    with tempfile.TemporaryDirectory() as preset:
-        theirs.backbone.save_to_preset(preset)
-        ours = PaliGemma2CausalLM.from_preset(preset)
+    theirs, ours = same_weights_pair(rng)
 
     response = np.zeros((args.batch, args.text), "int32")
     response[:, args.text // 2 :] = 1

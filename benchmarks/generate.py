@@ -15,22 +15,17 @@ the first call minus a warm call of the same shape.
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import jax  # noqa: E402
-import keras_hub  # noqa: E402
-import numpy as np  # noqa: E402
-
-sys_path = os.path.dirname(os.path.abspath(__file__))
 import sys  # noqa: E402
 
-sys.path.insert(0, sys_path)
-from forward import KERAS_HUB_CONFIG  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
-from keras_paligemma2 import PaliGemma2CausalLM  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from forward import same_weights_pair  # noqa: E402
 
 PROMPT = 16
 
@@ -63,15 +58,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    theirs = keras_hub.models.PaliGemmaCausalLM(
-        backbone=keras_hub.models.PaliGemmaBackbone(**KERAS_HUB_CONFIG), preprocessor=None
-    )
-    for v in theirs.backbone.weights:
-        v.assign(rng.normal(size=v.shape).astype("float32") * 0.05)
+    theirs, ours = same_weights_pair(rng)
     theirs.compile(sampler="greedy")
-    with tempfile.TemporaryDirectory() as preset:
-        theirs.backbone.save_to_preset(preset)
-        ours = PaliGemma2CausalLM.from_preset(preset)
     print(f"device: {jax.devices()[0].platform}, float32, 16-token prompts")
     for batch in (1, 8):
         row = {}
