@@ -52,6 +52,8 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         layer_norm_epsilon: float, RMSNorm epsilon of the decoder.
         vit_layer_norm_epsilon: float, LayerNorm epsilon of the ViT.
         rope_max_wavelength: float, RoPE base (10,000).
+        num_images: int, images per example (1); with more, `images` is
+            (B, num_images, S, S, 3) and their tokens come in order.
         dtype: Keras dtype policy for variables and computation.
 
     Inputs: dict with `images` (B, image_size, image_size, 3) in [-1, 1],
@@ -103,6 +105,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         layer_norm_epsilon=1e-6,
         vit_layer_norm_epsilon=1e-6,
         rope_max_wavelength=10_000,
+        num_images=1,
         dtype=None,
         **kwargs,
     ):
@@ -152,8 +155,14 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         )
 
         # === Functional model ===
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1; got {num_images}.")
+        self.num_images = num_images
+        self.num_image_tokens = num_images * self.vision_encoder.num_patches
+        image_shape = (image_size, image_size, 3)
         images = keras.Input(
-            shape=(image_size, image_size, 3), name="images"
+            shape=image_shape if num_images == 1 else (num_images,) + image_shape,
+            name="images",
         )
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input(
@@ -162,7 +171,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         response_mask = keras.Input(
             shape=(None,), dtype="int32", name="response_mask"
         )
-        image_tokens = self.image_projection(self.vision_encoder(images))
+        image_tokens = self.embed_images(images)
         text_tokens = self.token_embedding(token_ids)
         x = ops.concatenate(
             [ops.cast(image_tokens, text_tokens.dtype), text_tokens], axis=1
@@ -213,19 +222,32 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.vit_layer_norm_epsilon = vit_layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
-        self.num_image_tokens = self.vision_encoder.num_patches
 
     @staticmethod
     def is_local_layer(index, sliding_window_size):
         """Gemma 2 alternates local and global layers, starting local."""
         return sliding_window_size is not None and index % 2 == 0
 
+    def embed_images(self, images):
+        """Image tokens (B, num_image_tokens, hidden_dim), projected, unscaled.
+
+        Several images per example (B, n, S, S, 3) are encoded as one batch
+        and their tokens concatenated in order, as big_vision does for
+        multi-image and video-frame tasks.
+        """
+        if self.num_images == 1:
+            return self.image_projection(self.vision_encoder(images))
+        side = self.vision_encoder.image_size
+        flat = ops.reshape(images, (-1, side, side, 3))
+        tokens = self.image_projection(self.vision_encoder(flat))
+        return ops.reshape(tokens, (-1, self.num_image_tokens, self.image_projection.units))
+
     def _sequence_layout(self, padding_mask, response_mask):
         """Validity, prefix-LM block numbers and positions over image + text."""
         # Built from the masks' own shapes, so that it traces symbolically.
         text_valid = ops.cast(padding_mask, "int32")
         image_ones = ops.zeros_like(text_valid[:, :1]) + ops.ones(
-            (1, self.vision_encoder.num_patches), "int32"
+            (1, self.num_image_tokens), "int32"
         )
         valid = ops.concatenate([image_ones, text_valid], axis=1)
         mask_ar = ops.concatenate(
@@ -236,7 +258,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         return valid, blocks, positions
 
     def __call__(self, inputs, *args, **kwargs):
-        validate_backbone_inputs(inputs, self.image_size)
+        validate_backbone_inputs(inputs, self.image_size, self.num_images)
         return super().__call__(inputs, *args, **kwargs)
 
     def get_config(self):
@@ -262,6 +284,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             layer_norm_epsilon=self.layer_norm_epsilon,
             vit_layer_norm_epsilon=self.vit_layer_norm_epsilon,
             rope_max_wavelength=self.rope_max_wavelength,
+            num_images=self.num_images,
         )
         return config
 
@@ -310,7 +333,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
 _BACKBONE_INPUTS = ("images", "token_ids", "padding_mask", "response_mask")
 
 
-def validate_backbone_inputs(inputs, image_size):
+def validate_backbone_inputs(inputs, image_size, num_images=1):
     """Raises a ValueError naming what is wrong with a backbone input dict."""
     if not isinstance(inputs, dict):
         raise ValueError(
@@ -326,6 +349,14 @@ def validate_backbone_inputs(inputs, image_size):
         )
     images = inputs["images"]
     shape = tuple(ops.shape(images))
+    if num_images > 1:
+        if len(shape) != 5 or shape[1] != num_images:
+            raise ValueError(
+                f"This model takes {num_images} images per example: `images` "
+                "must have shape (batch, num_images, height, width, 3); got "
+                f"shape {shape}."
+            )
+        shape = (shape[0],) + shape[2:]
     if len(shape) != 4 or shape[-1] != 3:
         raise ValueError(
             "`images` must have shape (batch, height, width, 3) with values in "

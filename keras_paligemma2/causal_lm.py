@@ -131,11 +131,12 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         images = np.asarray(features["images"], np.float32)
         token_ids = np.asarray(features["token_ids"])
         padding_mask = np.asarray(features["padding_mask"])
-        if images.ndim == 3:
+        if images.ndim == 3 + (self.backbone.num_images > 1):
             images = images[None]
         validate_backbone_inputs(
             {**features, "images": images, "response_mask": padding_mask * 0},
             self.backbone.image_size,
+            self.backbone.num_images,
         )
         if max_length is not None:
             max_new_tokens = int(max_length) - int(padding_mask.sum(1).max())
@@ -272,7 +273,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         return picked if per_token else picked.sum(axis=1)
 
     def __call__(self, inputs, *args, **kwargs):
-        validate_backbone_inputs(inputs, self.backbone.image_size)
+        validate_backbone_inputs(inputs, self.backbone.image_size, self.backbone.num_images)
         return super().__call__(inputs, *args, **kwargs)
 
     def save_to_preset(self, preset_dir, max_shard_size=DEFAULT_MAX_SHARD_SIZE_GB):

@@ -138,7 +138,7 @@ class Decoder:
         window = backbone.sliding_window_size
 
         # --- Prefill: image + prompt, one bidirectional block. -------------
-        image_tokens = backbone.image_projection(backbone.vision_encoder(images))
+        image_tokens = backbone.embed_images(images)
         text_tokens = backbone.token_embedding(token_ids)
         x = jnp.concatenate([image_tokens.astype(text_tokens.dtype), text_tokens], 1)
         cache_valid = jnp.zeros((batch, cache_len), jnp.int32)

@@ -207,7 +207,11 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
     def _images(self, images, batch):
         if self.image_converter is None:
             raise ValueError("This preprocessor has no image_converter.")
-        converted = self.image_converter(images)
+        if _several_per_example(images):
+            # (B, n) images: convert each example's images, keep their order.
+            converted = np.stack([self.image_converter(list(row)) for row in images])
+        else:
+            converted = self.image_converter(images)
         if converted.ndim == 3:
             converted = converted[None]
         if len(converted) != batch:
@@ -221,6 +225,16 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         config = super().get_config()
         config.update(truncate=self.truncate)
         return config
+
+
+def _several_per_example(images):
+    if isinstance(images, np.ndarray):
+        return images.ndim == 5
+    if isinstance(images, (list, tuple)) and images:
+        return isinstance(images[0], (list, tuple)) or (
+            isinstance(images[0], np.ndarray) and images[0].ndim == 4
+        )
+    return False
 
 
 def _as_list(texts, name):

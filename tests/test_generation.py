@@ -208,3 +208,50 @@ def test_sampling_is_reproducible_and_differs_from_greedy(random_lm):
     c = random_lm.generate(inputs, max_new_tokens=8, stop_token_ids=None, temperature=2.0, seed=2)
     np.testing.assert_array_equal(a["token_ids"], b["token_ids"])
     assert (a["token_ids"] != c["token_ids"]).any()
+
+
+def test_several_images_per_example(tmp_path):
+    """Tokens of each example's images come in order before the prompt."""
+    rng = np.random.default_rng(12)
+    config = dict(
+        image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
+        vit_intermediate_dim=32, vocabulary_size=50, num_layers=1, hidden_dim=32,
+        num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=48,
+    )
+    single = PaliGemma2Backbone(**config)
+    for v in single.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32") * 0.5)
+    double = PaliGemma2Backbone(**config, num_images=2)
+    double.set_weights(single.get_weights())
+    assert double.num_image_tokens == 8
+    images = rng.uniform(-1, 1, (1, 2, 28, 28, 3)).astype("float32")
+    ids = np.array([[2, 5, 6]])
+    x = {"images": images, "token_ids": ids, "padding_mask": np.ones((1, 3)), "response_mask": np.zeros((1, 3))}
+    hidden = np.asarray(double(x))
+    assert hidden.shape == (1, 8 + 3, 32)
+    # The image tokens are the two images' tokens in order, as the encoder gives them.
+    tokens = np.asarray(double.embed_images(images))
+    first = np.asarray(single.embed_images(images[:, 0]))
+    second = np.asarray(single.embed_images(images[:, 1]))
+    np.testing.assert_allclose(tokens, np.concatenate([first, second], 1), atol=1e-5)
+    lm = PaliGemma2CausalLM(double)
+    out = lm.generate({"images": images, "token_ids": ids, "padding_mask": np.ones((1, 3))}, max_new_tokens=3, stop_token_ids=None)
+    assert out["token_ids"].shape == (1, 3)
+    # Swapping the two images changes the answer's logits: their order matters.
+    swapped = {**x, "images": images[:, ::-1]}
+    assert np.abs(np.asarray(lm(swapped)) - np.asarray(lm(x))).max() > 1e-4
+    with pytest.raises(ValueError, match="takes 2 images per example"):
+        lm({**x, "images": images[:, 0]})
+    path = tmp_path / "double.keras"
+    lm.save(path)
+    import keras
+
+    assert keras.saving.load_model(path).backbone.num_images == 2
+
+
+def test_preprocessor_stacks_several_images_per_example():
+    tokenizer = PaliGemma2Tokenizer(train_tiny_sentencepiece(["caption en", "a cat"]))
+    preprocessor = PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28))
+    image = np.zeros((40, 40, 3), "uint8")
+    x = preprocessor.generate_preprocess({"images": [[image, image], [image, image]], "prompts": ["caption en"] * 2})
+    assert x["images"].shape == (2, 2, 28, 28, 3)
