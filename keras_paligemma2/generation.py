@@ -129,15 +129,18 @@ class Decoder:
         with keras.StatelessScope(state_mapping=list(zip(backbone.variables, values))):
             return self._decode(images, token_ids, valid, stop, rng, max_new_tokens, sampler)
 
-    def _decode(self, images, token_ids, valid, stop, rng, max_new_tokens, sampler):
+    def _prefill(self, images, token_ids, valid, max_new_tokens):
+        """Image + prompt as one bidirectional block into a fresh cache.
+
+        Returns the last position's logits (B, V) and the decoding state
+        (caches, cache_valid, cache_positions, lengths).
+        """
         backbone = self.backbone
         batch, prompt_len = token_ids.shape
         num_image = backbone.num_image_tokens
         prefill_len = num_image + prompt_len
         cache_len = prefill_len + max_new_tokens
         window = backbone.sliding_window_size
-
-        # --- Prefill: image + prompt, one bidirectional block. -------------
         image_tokens = backbone.embed_images(images)
         text_tokens = backbone.token_embedding(token_ids)
         x = jnp.concatenate([image_tokens.astype(text_tokens.dtype), text_tokens], 1)
@@ -147,9 +150,8 @@ class Decoder:
         cache_positions = jnp.cumsum(cache_valid, axis=1) - 1
         cache_blocks = jnp.zeros((batch, cache_len), jnp.int32)
         positions = cache_positions[:, :prefill_len]
-        masks = {}
-        for local in {backbone.is_local_layer(i, window) for i in range(backbone.num_layers)}:
-            masks[local] = make_attention_mask(
+        masks = {
+            local: make_attention_mask(
                 cache_valid,
                 cache_blocks,
                 query_valid=cache_valid[:, :prefill_len],
@@ -158,6 +160,8 @@ class Decoder:
                 key_positions=cache_positions,
                 sliding_window=window if local else None,
             )
+            for local in self._layer_kinds()
+        }
         caches = []
         for i, block in enumerate(backbone.decoder_blocks):
             empty = jnp.zeros(self._cache_shape(batch, cache_len), x.dtype)
@@ -165,68 +169,80 @@ class Decoder:
                 x, positions, masks[backbone.is_local_layer(i, window)], kv_cache=empty, cache_index=0
             )
             caches.append(cache)
-        last = backbone.final_norm(x[:, -1:])
-        first_logits = self.lm.text_logits(last)[:, 0]
-        rng, pick = jax.random.split(rng)
-        token = sampler(first_logits, pick)
+        logits = self.lm.text_logits(backbone.final_norm(x[:, -1:]))[:, 0]
         lengths = jnp.sum(valid, axis=1) + num_image
+        return logits, (caches, cache_valid, cache_positions, lengths)
 
-        # --- Extend: one token per step, causal over the cache. -----------
-        # State: `token` was just chosen and stored at `index`; a step feeds
-        # it, chooses the next and stores it at index + 1. n tokens take
-        # n - 1 steps.
-        # Each generated token is its own causal block (mask_ar = 1).
+    def _extend(self, token, index, state, prefill_len):
+        """Feeds `token` (B,), the generated token number `index`; returns
+        the next logits (B, V) and the updated state. Each generated token is
+        its own causal block (mask_ar = 1)."""
+        backbone = self.backbone
+        window = backbone.sliding_window_size
+        caches, cache_valid, cache_positions, lengths = state
+        batch, cache_len = cache_valid.shape
+        slot = prefill_len + index
+        position = (lengths + index)[:, None]
+        cache_valid = cache_valid.at[:, slot].set(1)
+        cache_positions = cache_positions.at[:, slot].set(position[:, 0])
         slots = jnp.arange(cache_len)[None, :]
         cache_blocks = jnp.where(slots >= prefill_len, slots - prefill_len + 1, 0)
+        masks = {
+            local: make_attention_mask(
+                cache_valid,
+                cache_blocks,
+                query_valid=jnp.ones((batch, 1), jnp.int32),
+                query_blocks=jnp.full((batch, 1), index + 1, jnp.int32),
+                query_positions=position,
+                key_positions=cache_positions,
+                sliding_window=window if local else None,
+            )
+            for local in self._layer_kinds()
+        }
+        x = backbone.token_embedding(token[:, None])
+        new_caches = []
+        for i, block in enumerate(backbone.decoder_blocks):
+            x, cache = block(
+                x,
+                position,
+                masks[backbone.is_local_layer(i, window)],
+                kv_cache=caches[i],
+                cache_index=slot,
+            )
+            new_caches.append(cache)
+        logits = self.lm.text_logits(backbone.final_norm(x))[:, 0]
+        return logits, (new_caches, cache_valid, cache_positions, lengths)
 
-        def step(state):
-            index, token, done, caches, cache_valid, cache_positions, output, rng = state
-            slot = prefill_len + index
-            position = (lengths + index)[:, None]
-            cache_valid = cache_valid.at[:, slot].set(1)
-            cache_positions = cache_positions.at[:, slot].set(position[:, 0])
-            query_block = jnp.full((batch, 1), index + 1, jnp.int32)
-            step_masks = {
-                local: make_attention_mask(
-                    cache_valid,
-                    cache_blocks,
-                    query_valid=jnp.ones((batch, 1), jnp.int32),
-                    query_blocks=query_block,
-                    query_positions=position,
-                    key_positions=cache_positions,
-                    sliding_window=window if local else None,
-                )
-                for local in masks
-            }
-            x = backbone.token_embedding(token[:, None])
-            new_caches = []
-            for i, block in enumerate(backbone.decoder_blocks):
-                x, cache = block(
-                    x,
-                    position,
-                    step_masks[backbone.is_local_layer(i, window)],
-                    kv_cache=caches[i],
-                    cache_index=slot,
-                )
-                new_caches.append(cache)
-            logits = self.lm.text_logits(backbone.final_norm(x))[:, 0]
+    def _layer_kinds(self):
+        b = self.backbone
+        return {b.is_local_layer(i, b.sliding_window_size) for i in range(b.num_layers)}
+
+    def _decode(self, images, token_ids, valid, stop, rng, max_new_tokens, sampler):
+        batch, prompt_len = token_ids.shape
+        prefill_len = self.backbone.num_image_tokens + prompt_len
+        first_logits, state = self._prefill(images, token_ids, valid, max_new_tokens)
+        rng, pick = jax.random.split(rng)
+        token = sampler(first_logits, pick)
+
+        # `token` was just chosen and stored at `index`; a step feeds it,
+        # chooses the next and stores it at index + 1: n tokens, n - 1 steps.
+        def step(carry):
+            index, token, done, state, output, rng = carry
+            logits, state = self._extend(token, index, state, prefill_len)
             rng, pick = jax.random.split(rng)
             next_token = sampler(logits, pick)
             output = output.at[:, index + 1].set(jnp.where(done, 0, next_token))
             done = done | jnp.isin(next_token, stop)
-            return (
-                index + 1, next_token, done, new_caches, cache_valid, cache_positions, output, rng
-            )
+            return index + 1, next_token, done, state, output, rng
 
-        def keep_going(state):
-            index, _, done, *_ = state
+        def keep_going(carry):
+            index, _, done, *_ = carry
             return (index + 1 < max_new_tokens) & ~jnp.all(done)
 
         output = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
-        done = jnp.isin(token, stop)
-        state = (jnp.int32(0), token, done, caches, cache_valid, cache_positions, output, rng)
-        state = jax.lax.while_loop(keep_going, step, state)
-        return state[-2], first_logits
+        carry = (jnp.int32(0), token, jnp.isin(token, stop), state, output, rng)
+        carry = jax.lax.while_loop(keep_going, step, carry)
+        return carry[-2], first_logits
 
     def _cache_shape(self, batch, cache_len):
         b = self.backbone
