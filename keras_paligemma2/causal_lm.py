@@ -84,6 +84,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         top_k=None,
         top_p=None,
         seed=0,
+        beam_size=None,
     ):
         """Decoding after a bidirectional prefill of image + prompt.
 
@@ -106,6 +107,9 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             top_k, top_p: restrict sampling to the k most likely tokens, or
                 to the smallest set reaching probability p (nucleus).
             seed: int, for reproducible sampling.
+            beam_size: int; beam search with big_vision's semantics (summed
+                log-probabilities, no length normalisation; the best sequence
+                that ends with the first stop token) instead of sampling.
 
         Rows of a batch may have prompts of different lengths: each gives
         exactly what it gives alone. Prompt lengths are rounded up to a
@@ -150,9 +154,18 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             stop_token_ids = [end]
         if not hasattr(self, "_decoder"):
             self._decoder = Decoder(self)
-        tokens, _ = self._decoder(
-            images, token_ids, padding_mask, max_new_tokens, stop_token_ids or [], sampler
-        )
+        if beam_size is not None:
+            if temperature or top_k or top_p:
+                raise ValueError("beam_size searches; it takes no temperature, top_k or top_p.")
+            if not stop_token_ids:
+                raise ValueError("Beam search needs a stop token (the end of a finished sequence).")
+            tokens = self._decoder.beam_search(
+                images, token_ids, padding_mask, max_new_tokens, beam_size, stop_token_ids[0]
+            )
+        else:
+            tokens, _ = self._decoder(
+                images, token_ids, padding_mask, max_new_tokens, stop_token_ids or [], sampler
+            )
         tokens = np.asarray(tokens)
         mask = _until_stop(tokens, stop_token_ids or [])
         if self.preprocessor is None:

@@ -244,6 +244,83 @@ class Decoder:
         carry = jax.lax.while_loop(keep_going, step, carry)
         return carry[-2], first_logits
 
+    def beam_search(self, images, token_ids, padding_mask, max_new_tokens, beam_size, eos):
+        """big_vision's beam search (`predict_fns._beam_decode`), one compiled loop.
+
+        Scores are summed log-probabilities, without length normalisation.
+        Each step, every live beam may end with `eos` (a finished candidate,
+        its score including log p(eos)); the best finished one per example is
+        kept; live beams grow by their best non-`eos` tokens and the best
+        `beam_size` survive. Stops when no live beam can beat the best
+        finished one (scores only fall) or after `max_new_tokens`.
+
+        Returns (B, max_new_tokens) tokens of the best finished sequence,
+        `eos` included, padded with 0.
+        """
+        aligned, valid = right_align(token_ids, padding_mask)
+        key = ("beam", aligned.shape, int(max_new_tokens), int(beam_size), int(eos))
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(
+                functools.partial(
+                    self._beam, max_new_tokens=int(max_new_tokens), beam_size=int(beam_size), eos=int(eos)
+                )
+            )
+        values = [v.value for v in self.backbone.variables]
+        return self._compiled[key](values, jnp.asarray(images), aligned, valid)
+
+    def _beam(self, values, images, token_ids, valid, max_new_tokens, beam_size, eos):
+        backbone = self.backbone
+        with keras.StatelessScope(state_mapping=list(zip(backbone.variables, values))):
+            batch, prompt_len = token_ids.shape
+            n = beam_size
+            prefill_len = backbone.num_image_tokens + prompt_len
+            logits, state = self._prefill(images, token_ids, valid, max_new_tokens)
+            # Beams as rows (B * N): the cache of each example repeated N times.
+            state = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), state)
+            logits = jnp.repeat(logits, n, axis=0)
+            neg = jnp.finfo(jnp.float32).min
+            live_scores = jnp.full((batch, n), neg).at[:, 0].set(0.0)  # One live beam at first.
+            live_tokens = jnp.zeros((batch, n, max_new_tokens), jnp.int32)
+            best_tokens = jnp.zeros((batch, max_new_tokens), jnp.int32)
+            best_score = jnp.full((batch,), neg)
+
+            def step(carry):
+                index, logits, state, live_scores, live_tokens, best_tokens, best_score = carry
+                logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+                logp = logp.reshape(batch, n, -1)
+                # Ending now: each live beam followed by eos.
+                ended = live_scores + logp[:, :, eos]
+                pick = jnp.argmax(ended, axis=1)
+                candidate = jnp.take_along_axis(ended, pick[:, None], 1)[:, 0]
+                ended_tokens = jnp.take_along_axis(live_tokens, pick[:, None, None], 1)[:, 0]
+                ended_tokens = ended_tokens.at[:, index].set(eos)
+                better = candidate > best_score
+                best_score = jnp.where(better, candidate, best_score)
+                best_tokens = jnp.where(better[:, None], ended_tokens, best_tokens)
+                # Growing: the best non-eos continuations of every live beam.
+                grown = jnp.where(
+                    jnp.arange(logp.shape[-1]) == eos, neg, live_scores[..., None] + logp
+                )
+                grown = jnp.where(live_scores[..., None] <= neg, neg, grown)
+                top_scores, top_index = jax.lax.top_k(grown.reshape(batch, -1), n)
+                parent = top_index // logp.shape[-1]
+                token = (top_index % logp.shape[-1]).astype(jnp.int32)
+                live_tokens = jnp.take_along_axis(live_tokens, parent[..., None], 1)
+                live_tokens = live_tokens.at[:, :, index].set(token)
+                rows = (parent + jnp.arange(batch)[:, None] * n).reshape(-1)
+                state = jax.tree.map(lambda x: x[rows], state)
+                logits, state = self._extend(token.reshape(-1), index, state, prefill_len)
+                return index + 1, logits, state, top_scores, live_tokens, best_tokens, best_score
+
+            def keep_going(carry):
+                index, _, _, live_scores, _, _, best_score = carry
+                can_improve = jnp.max(live_scores, axis=1) > best_score
+                return (index < max_new_tokens) & jnp.any(can_improve)
+
+            carry = (jnp.int32(0), logits, state, live_scores, live_tokens, best_tokens, best_score)
+            carry = jax.lax.while_loop(keep_going, step, carry)
+            return carry[5]
+
     def _cache_shape(self, batch, cache_len):
         b = self.backbone
         return (batch, 2, cache_len, b.num_key_value_heads, b.head_dim)

@@ -255,3 +255,85 @@ def test_preprocessor_stacks_several_images_per_example():
     image = np.zeros((40, 40, 3), "uint8")
     x = preprocessor.generate_preprocess({"images": [[image, image], [image, image]], "prompts": ["caption en"] * 2})
     assert x["images"].shape == (2, 2, 28, 28, 3)
+
+
+def _tiny_vocabulary_lm(seed):
+    rng = np.random.default_rng(seed)
+    backbone = PaliGemma2Backbone(
+        image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
+        vit_intermediate_dim=32, vocabulary_size=6, num_layers=2, hidden_dim=16,
+        num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=32,
+    )
+    for v in backbone.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32") * 0.8)
+    # A weak eos row, so that ending at once is not always the best sequence.
+    table = np.asarray(backbone.token_embedding.embeddings).copy()
+    table[1] *= 0.1
+    backbone.token_embedding.embeddings.assign(table)
+    return PaliGemma2CausalLM(backbone)
+
+
+def _brute_force_best(lm, image, prompt, max_new, eos=1):
+    """Every sequence that ends with eos within max_new tokens, scored whole."""
+    import itertools
+
+    best, best_score = None, -np.inf
+    others = [t for t in range(6) if t != eos]
+    for length in range(1, max_new + 1):
+        for body in itertools.product(others, repeat=length - 1):
+            sequence = list(body) + [eos]
+            ids = np.array([prompt + sequence])
+            response = np.array([[0] * len(prompt) + [1] * len(sequence)])
+            score = float(
+                lm.score(
+                    {"images": image[None], "token_ids": ids, "padding_mask": np.ones_like(ids), "response_mask": response}
+                )[0]
+            )
+            if score > best_score:
+                best, best_score = sequence, score
+    return best, best_score
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_beam_search_equals_brute_force_when_the_beam_holds_everything(seed):
+    lm = _tiny_vocabulary_lm(seed)
+    image = np.random.default_rng(seed).uniform(-1, 1, (28, 28, 3)).astype("float32")
+    prompt = [2, 3, 4]
+    best, _ = _brute_force_best(lm, image, prompt, max_new=3)
+    assert len(best) == 3  # Seeds where the best sequence is not just eos.
+    out = lm.generate(
+        {"images": image[None], "token_ids": np.array([prompt]), "padding_mask": np.ones((1, 3))},
+        max_new_tokens=3,
+        beam_size=25,  # 5 x 5 non-eos continuations: nothing is ever pruned.
+        stop_token_ids=[1],
+    )
+    got = out["token_ids"][0][out["padding_mask"][0] == 1].tolist()
+    assert got == best
+
+
+def test_small_beam_never_beats_brute_force_and_batches_exactly():
+    lm = _tiny_vocabulary_lm(2)
+    rng = np.random.default_rng(3)
+    images = rng.uniform(-1, 1, (2, 28, 28, 3)).astype("float32")
+    prompts = [[2, 3, 4], [2, 5]]
+    token_ids = np.array([[2, 3, 4], [2, 5, 0]])
+    mask = np.array([[1, 1, 1], [1, 1, 0]])
+    batch = lm.generate(
+        {"images": images, "token_ids": token_ids, "padding_mask": mask},
+        max_new_tokens=3, beam_size=2, stop_token_ids=[1],
+    )
+    for row, prompt in enumerate(prompts):
+        alone = lm.generate(
+            {"images": images[row : row + 1], "token_ids": np.array([prompt]), "padding_mask": np.ones((1, len(prompt)))},
+            max_new_tokens=3, beam_size=2, stop_token_ids=[1],
+        )
+        np.testing.assert_array_equal(batch["token_ids"][row], alone["token_ids"][0])
+        _, best_score = _brute_force_best(lm, images[row], prompt, max_new=3)
+        sequence = alone["token_ids"][0][alone["padding_mask"][0] == 1].tolist()
+        assert sequence[-1] == 1
+        ids = np.array([prompt + sequence])
+        response = np.array([[0] * len(prompt) + [1] * len(sequence)])
+        score = float(lm.score({"images": images[row : row + 1], "token_ids": ids, "padding_mask": np.ones_like(ids), "response_mask": response})[0])
+        assert score <= best_score + 1e-5
+    with pytest.raises(ValueError, match="takes no temperature"):
+        lm.generate({"images": images, "token_ids": token_ids, "padding_mask": mask}, beam_size=2, temperature=1.0)
