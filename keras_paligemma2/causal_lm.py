@@ -8,6 +8,7 @@ from keras import ops
 from keras_paligemma2.backbone import PaliGemma2Backbone
 from keras_paligemma2.backbone import validate_backbone_inputs
 from keras_paligemma2.preprocessor import PaliGemma2CausalLMPreprocessor
+from keras_paligemma2.preprocessor import shift_for_next_token
 from keras_paligemma2.saving import DEFAULT_MAX_SHARD_SIZE_GB
 from keras_paligemma2.saving import atomic_directory
 
@@ -178,7 +179,8 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
 
     # --- Task prompts (big_vision's prefixes) ------------------------------
 
-    def _ask(self, images, prompt, **kwargs):
+    def _ask_each(self, images, prompt, **kwargs):
+        """(images as a list, one reply per image, whether a list was given)."""
         if self.preprocessor is None:
             raise ValueError(
                 "This model has no tokenizer/preprocessor, so it cannot take "
@@ -187,8 +189,11 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             )
         many = isinstance(images, (list, tuple))
         batch = list(images) if many else [images]
-        prompts = [prompt(i) if callable(prompt) else prompt for i in range(len(batch))]
-        texts = self.generate({"images": batch, "prompts": prompts}, **kwargs)
+        texts = self.generate({"images": batch, "prompts": [prompt] * len(batch)}, **kwargs)
+        return batch, texts, many
+
+    def _ask(self, images, prompt, **kwargs):
+        _, texts, many = self._ask_each(images, prompt, **kwargs)
         return texts if many else texts[0]
 
     def caption(self, images, language="en", **kwargs):
@@ -213,9 +218,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         from keras_paligemma2.task_outputs import parse_detections
 
         labels = [labels] if isinstance(labels, str) else list(labels)
-        texts = self._ask(images, "detect " + " ; ".join(labels), **kwargs)
-        many = isinstance(images, (list, tuple))
-        batch, texts = (list(images), texts) if many else ([images], [texts])
+        batch, texts, many = self._ask_each(images, "detect " + " ; ".join(labels), **kwargs)
         found = [
             parse_detections(text, to_rgb_array(image).shape[:2])
             for image, text in zip(batch, texts)
@@ -237,9 +240,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         if not isinstance(mask_decoder, MaskDecoder):
             mask_decoder = MaskDecoder.from_checkpoint(mask_decoder)
         kwargs.setdefault("max_new_tokens", 64)
-        texts = self._ask(images, f"segment {label}", **kwargs)
-        many = isinstance(images, (list, tuple))
-        batch, texts = (list(images), texts) if many else ([images], [texts])
+        batch, texts, many = self._ask_each(images, f"segment {label}", **kwargs)
         results = []
         for image, text in zip(batch, texts):
             size = to_rgb_array(image).shape[:2]
@@ -272,13 +273,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             ]
             if missing:
                 raise ValueError(f"score takes backbone inputs; missing {missing}.")
-            token_ids = np.asarray(inputs["token_ids"])
-            x = {k: np.asarray(v) for k, v in inputs.items()}
-            # Predict token t+1 from position t; the label counts when it is
-            # a response token.
-            labels = token_ids[:, 1:]
-            weights = np.asarray(inputs["response_mask"])[:, 1:].astype("float32")
-            x = {**x, **{k: x[k][:, :-1] for k in ("token_ids", "padding_mask", "response_mask")}}
+            x, labels, weights = shift_for_next_token(inputs)
         logits = np.asarray(self(x, training=False), np.float32)
         log_probs = logits - _logsumexp(logits)
         picked = np.take_along_axis(log_probs, np.asarray(labels)[..., None], axis=-1)[..., 0]

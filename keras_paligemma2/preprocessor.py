@@ -178,18 +178,15 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         token_ids, padding_mask, response_mask = self.pack(
             x["prompts"], x["responses"], sequence_length=length
         )
-        images = self._images(x["images"], len(token_ids))
-        inputs = {
-            "images": images,
-            "token_ids": token_ids[:, :-1],
-            "padding_mask": padding_mask[:, :-1],
-            "response_mask": response_mask[:, :-1],
-        }
-        # The label at t is token t+1; it counts when it is a response token
-        # or <eos> (big_vision's mask_loss, shifted with the labels).
-        return keras.utils.pack_x_y_sample_weight(
-            inputs, token_ids[:, 1:], response_mask[:, 1:].astype("float32")
+        inputs, labels, weights = shift_for_next_token(
+            {
+                "images": self._images(x["images"], len(token_ids)),
+                "token_ids": token_ids,
+                "padding_mask": padding_mask,
+                "response_mask": response_mask,
+            }
         )
+        return keras.utils.pack_x_y_sample_weight(inputs, labels, weights)
 
     def generate_preprocess(self, x, sequence_length=None):
         """Prompts (no responses) to backbone inputs for generation."""
@@ -225,6 +222,23 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         config = super().get_config()
         config.update(truncate=self.truncate)
         return config
+
+
+def shift_for_next_token(inputs):
+    """Backbone inputs of length T + 1 to (inputs, labels, weights) of length T.
+
+    The label at t is token t + 1; it counts when it is a response token or
+    `<eos>` (big_vision's mask_loss, shifted with the labels).
+    """
+    token_ids = np.asarray(inputs["token_ids"])
+    response_mask = np.asarray(inputs["response_mask"])
+    shifted = {
+        **inputs,
+        "token_ids": token_ids[:, :-1],
+        "padding_mask": np.asarray(inputs["padding_mask"])[:, :-1],
+        "response_mask": response_mask[:, :-1],
+    }
+    return shifted, token_ids[:, 1:], response_mask[:, 1:].astype("float32")
 
 
 def _several_per_example(images):

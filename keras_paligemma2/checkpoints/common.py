@@ -9,6 +9,7 @@ unexpected and mis-shaped tensor, and never leaves a half-loaded model.
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -268,8 +269,8 @@ def load_model(cls, config, rules, tensors, source_name, ignored=(), progress=No
         window = 3
         with tqdm.tqdm(
             total=total, unit="B", unit_scale=True, desc="loading", disable=not show
-        ) as bar, concurrent.futures.ThreadPoolExecutor(2) as workers:
-            reader = _FileReader()
+        ) as bar, concurrent.futures.ThreadPoolExecutor(2) as workers, contextlib.ExitStack() as stack:
+            reader = stack.enter_context(contextlib.closing(_FileReader()))
             pending = collections.deque()
             prefetched = set()
             for rule in table + [None] * window:
@@ -287,7 +288,6 @@ def load_model(cls, config, rules, tensors, source_name, ignored=(), progress=No
                     variable, future = pending.popleft()
                     variable._initialize(future.result())
                     bar.update(_nbytes(variable))
-            reader.close()
     except OSError as error:
         raise _unreadable(source_name, error) from error
     finally:
@@ -342,9 +342,9 @@ def _check(table, variables, tensors, source_name, ignored):
 class _FileReader:
     """Positional reads through one descriptor per file, shared by threads.
 
-    One descriptor keeps the kernel's sequential readahead going from tensor
-    to tensor; reopening the file per tensor restarts it small each time
-    (measured: 3x slower on a cold 6 GB checkpoint).
+    `os.preadv` needs no seek, so the two reader threads share a descriptor
+    without a lock around each read; the file is opened once per load rather
+    than once per tensor.
     """
 
     def __init__(self):
