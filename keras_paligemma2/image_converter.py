@@ -14,7 +14,6 @@ import keras
 import keras_hub
 import numpy as np
 import PIL.Image
-import tensorflow as tf
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma2")
@@ -74,6 +73,10 @@ class PaliGemma2ImageConverter(keras_hub.layers.ImageConverter):
         return batch[0] if single else batch
 
     def _convert_one(self, image, index):
+        # Imported here: only resizing needs TensorFlow, so the model itself
+        # (token-id generation, training) runs where TensorFlow is absent.
+        import tensorflow as tf
+
         pixels = to_rgb_array(image, index)
         resized = tf.image.resize(
             pixels, (self.side, self.side), method="bilinear", antialias=self.antialias
