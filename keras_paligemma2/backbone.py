@@ -48,6 +48,11 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             28B. Defaults to head_dim.
         attention_logit_soft_cap: float or None (50 in Gemma 2).
         final_logit_soft_cap: float or None; applied by the task to logits.
+        final_logit_soft_cap_scope: which logits the final soft-cap applies
+            to: "all" (HF transformers, keras-hub: every logit, training and
+            scoring too) or "decode_steps" (big_vision's Gemma 2 code: only
+            the logits of decode steps after the first generated token;
+            never training, scoring or prefill logits).
         sliding_window_size: int or None; window of the local (even) layers.
         layer_norm_epsilon: float, RMSNorm epsilon of the decoder.
         vit_layer_norm_epsilon: float, LayerNorm epsilon of the ViT.
@@ -101,6 +106,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         query_pre_attn_scalar=None,
         attention_logit_soft_cap=50.0,
         final_logit_soft_cap=None,
+        final_logit_soft_cap_scope="all",
         sliding_window_size=None,
         layer_norm_epsilon=1e-6,
         vit_layer_norm_epsilon=1e-6,
@@ -113,6 +119,11 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             raise ValueError(
                 f"num_query_heads ({num_query_heads}) must be a multiple of "
                 f"num_key_value_heads ({num_key_value_heads})."
+            )
+        if final_logit_soft_cap_scope not in ("all", "decode_steps"):
+            raise ValueError(
+                'final_logit_soft_cap_scope must be "all" (HF, keras-hub) or '
+                f'"decode_steps" (big_vision); got {final_logit_soft_cap_scope!r}.'
             )
         if query_pre_attn_scalar is None:
             query_pre_attn_scalar = head_dim
@@ -218,6 +229,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         self.query_pre_attn_scalar = query_pre_attn_scalar
         self.attention_logit_soft_cap = attention_logit_soft_cap
         self.final_logit_soft_cap = final_logit_soft_cap
+        self.final_logit_soft_cap_scope = final_logit_soft_cap_scope
         self.sliding_window_size = sliding_window_size
         self.layer_norm_epsilon = layer_norm_epsilon
         self.vit_layer_norm_epsilon = vit_layer_norm_epsilon
@@ -280,6 +292,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             query_pre_attn_scalar=self.query_pre_attn_scalar,
             attention_logit_soft_cap=self.attention_logit_soft_cap,
             final_logit_soft_cap=self.final_logit_soft_cap,
+            final_logit_soft_cap_scope=self.final_logit_soft_cap_scope,
             sliding_window_size=self.sliding_window_size,
             layer_norm_epsilon=self.layer_norm_epsilon,
             vit_layer_norm_epsilon=self.vit_layer_norm_epsilon,

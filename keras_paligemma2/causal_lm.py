@@ -21,8 +21,10 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
     for the text positions only: the image positions are never projected
     onto the vocabulary (keras-hub's PaliGemma spends most of its forward
     FLOPs there). The final logit soft-cap is applied when the backbone's
-    `final_logit_soft_cap` is set (HF semantics); big_vision checkpoints load
-    with it off, as big_vision scores and trains without it.
+    `final_logit_soft_cap` is set: to every logit (scope "all", HF and
+    keras-hub) or only to decode steps after the first generated token
+    (scope "decode_steps", big_vision's Gemma 2 code). big_vision checkpoints
+    load with it off, as big_vision's PaliGemma recipes set it to 0.
 
     Args:
         backbone: a `PaliGemma2Backbone`.
@@ -67,11 +69,15 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         logits = self.text_logits(text_hidden)
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
 
-    def text_logits(self, text_hidden):
-        """Tied-embedding logits in float32, soft-capped when configured."""
+    def text_logits(self, text_hidden, decode_step=False):
+        """Tied-embedding logits in float32, soft-capped when configured.
+
+        `decode_step`: the logits of a decode step after the first generated
+        token, the only ones big_vision caps (scope "decode_steps").
+        """
         logits = self.backbone.token_embedding(text_hidden, reverse=True)
         cap = self.backbone.final_logit_soft_cap
-        if cap:
+        if cap and (decode_step or self.backbone.final_logit_soft_cap_scope == "all"):
             logits = ops.tanh(logits / cap) * cap
         return logits
 

@@ -210,7 +210,7 @@ class Decoder:
                 cache_index=slot,
             )
             new_caches.append(cache)
-        logits = self.lm.text_logits(backbone.final_norm(x))[:, 0]
+        logits = self.lm.text_logits(backbone.final_norm(x), decode_step=True)[:, 0]
         return logits, (new_caches, cache_valid, cache_positions, lengths)
 
     def _layer_kinds(self):

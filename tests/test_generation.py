@@ -8,6 +8,7 @@ from keras_paligemma2 import PaliGemma2CausalLM
 from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
 from keras_paligemma2 import PaliGemma2ImageConverter
 from keras_paligemma2 import PaliGemma2Tokenizer
+from keras_paligemma2.generation import right_align
 from keras_paligemma2.tokenizer import train_tiny_sentencepiece
 
 
@@ -337,3 +338,48 @@ def test_small_beam_never_beats_brute_force_and_batches_exactly():
         assert score <= best_score + 1e-5
     with pytest.raises(ValueError, match="takes no temperature"):
         lm.generate({"images": images, "token_ids": token_ids, "padding_mask": mask}, beam_size=2, temperature=1.0)
+
+
+@pytest.mark.parametrize("scope", ["all", "decode_steps"])
+def test_final_soft_cap_scope(random_lm, scope):
+    """"decode_steps" (big_vision) caps only the decode steps after the first
+    generated token; "all" (HF, keras-hub) caps every logit."""
+    cap = 2.0  # small, so that capping is visible on these logits
+    config = dict(random_lm.backbone.get_config(), final_logit_soft_cap=cap, final_logit_soft_cap_scope=scope)
+    backbone = PaliGemma2Backbone.from_config(config)
+    backbone.set_weights(random_lm.backbone.get_weights())
+    lm = PaliGemma2CausalLM(backbone)
+    plain = PaliGemma2CausalLM(PaliGemma2Backbone.from_config(dict(config, final_logit_soft_cap=None)))
+    plain.backbone.set_weights(random_lm.backbone.get_weights())
+    rng = np.random.default_rng(1)
+    image = rng.uniform(-1, 1, (1, 28, 28, 3)).astype("float32")
+    prompt = np.array([[2, 7, 9, 11]])
+    out = lm.generate(
+        {"images": image, "token_ids": prompt, "padding_mask": np.ones_like(prompt)},
+        max_new_tokens=2, stop_token_ids=None,
+    )
+    first = int(out["token_ids"][0, 0])
+    ids = np.concatenate([prompt, [[first]]], axis=1)
+    full = {"images": image, "token_ids": ids, "padding_mask": np.ones_like(ids), "response_mask": np.array([[0, 0, 0, 0, 1]])}
+    uncapped = np.asarray(plain(full))[0]
+    capped = cap * np.tanh(uncapped / cap)
+    # Training / scoring logits (the task's call).
+    want = capped if scope == "all" else uncapped
+    np.testing.assert_allclose(np.asarray(lm(full))[0], want, atol=1e-5)
+    # Generation: the prefill logits, then the first decode step's.
+    decoder = lm._decoder
+    aligned, valid = right_align(prompt, np.ones_like(prompt))
+    logits0, state = decoder._prefill(image, aligned, valid, max_new_tokens=2)
+    prefill_len = backbone.num_image_tokens + aligned.shape[1]
+    logits1, _ = decoder._extend(np.array([first]), 0, state, prefill_len)
+    np.testing.assert_allclose(np.asarray(logits0)[0], want[3], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits1)[0], capped[4], atol=1e-5)
+    assert np.abs(uncapped[3:]).max() > 2 * cap  # the cap changes these logits
+
+
+def test_final_soft_cap_scope_is_checked():
+    with pytest.raises(ValueError, match="final_logit_soft_cap_scope"):
+        PaliGemma2Backbone(
+            image_size=28, vocabulary_size=50, num_layers=1, hidden_dim=32, num_query_heads=2,
+            num_key_value_heads=1, head_dim=8, intermediate_dim=48, final_logit_soft_cap_scope="prefill",
+        )
