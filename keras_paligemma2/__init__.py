@@ -28,6 +28,9 @@ from keras_paligemma2.presets import list_presets  # noqa: E402
 from keras_paligemma2.task_outputs import MaskDecoder  # noqa: E402
 from keras_paligemma2.task_outputs import parse_detections  # noqa: E402
 from keras_paligemma2.tokenizer import PaliGemma2Tokenizer  # noqa: E402
+from keras_paligemma2.training import ResponseCrossEntropy  # noqa: E402
+from keras_paligemma2.training import TrainingCheckpoint  # noqa: E402
+from keras_paligemma2.training import big_vision_optimizer  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -39,6 +42,9 @@ __all__ = [
     "PaliGemma2ImageConverter",
     "PaliGemma2Tokenizer",
     "MaskDecoder",
+    "ResponseCrossEntropy",
+    "TrainingCheckpoint",
+    "big_vision_optimizer",
     "list_presets",
     "parse_detections",
 ]

@@ -1,5 +1,7 @@
 """`PaliGemma2CausalLM`: the backbone plus tied logits for the text positions."""
 
+import inspect
+
 import keras
 import keras_hub
 import numpy as np
@@ -286,6 +288,163 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         picked = picked * weights
         return picked if per_token else picked.sum(axis=1)
 
+    # --- Training ------------------------------------------------------------
+
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        *,
+        weighted_metrics="auto",
+        label_smoothing=0.0,
+        remat=False,
+        **kwargs,
+    ):
+        """Configures training.
+
+        Args:
+            optimizer: "auto" (Adam, learning rate 2e-5, global gradient norm
+                clipped at 1.0), or any Keras optimizer; for big_vision's
+                recipe pass `keras_paligemma2.big_vision_optimizer(steps)`.
+            loss: "auto": `ResponseCrossEntropy`, cross-entropy on response
+                and `<eos>` tokens divided by their number.
+            weighted_metrics: "auto": next-token accuracy on the same tokens.
+            label_smoothing: float in [0, 1), for the "auto" loss.
+            remat: recompute each decoder and ViT block's activations in the
+                backward pass instead of keeping them (less memory, about a
+                third more compute).
+            **kwargs: passed to `keras.Model.compile` (e.g. `jit_compile`).
+
+        For mixed precision build or load the model with
+        `dtype="mixed_bfloat16"` (float32 weights, bfloat16 compute).
+        """
+        from keras_paligemma2.training import ResponseCrossEntropy
+
+        if optimizer == "auto":
+            optimizer = keras.optimizers.Adam(2e-5, global_clipnorm=1.0)
+        if loss == "auto":
+            loss = ResponseCrossEntropy(label_smoothing=label_smoothing)
+        elif label_smoothing:
+            raise ValueError("label_smoothing applies to the 'auto' loss only.")
+        if weighted_metrics == "auto":
+            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        self.backbone.set_remat(remat)
+        keras.Model.compile(
+            self, optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs
+        )
+
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        shuffle=True,
+        seed=0,
+        validation_data=None,
+        callbacks=None,
+        **kwargs,
+    ):
+        """`keras.Model.fit` that also takes raw examples.
+
+        `x` may be raw examples: a dict `{"images", "prompts", "responses"}`
+        (arrays or lists, one entry per example; batched by `batch_size`,
+        shuffled per epoch from `seed`), a `tf.data.Dataset` yielding batches
+        of such dicts, or a generator of them; or, as in Keras, backbone
+        inputs with labels and sample weights (what the preprocessor makes).
+        `validation_data` takes the same forms. A loss that stops being
+        finite stops training with an error naming the step.
+        """
+        from keras_paligemma2.training import StopOnNonFiniteLoss
+
+        callbacks = list(callbacks or [])
+        # Only plain arrays are reordered by Keras; RawBatches shuffles from
+        # its seed, datasets and generators come in the order they are made.
+        keras_shuffle = shuffle and not (_is_raw(x) or _is_tf_dataset(x) or inspect.isgenerator(x))
+        x, batch_size, order = self._training_data(x, y, batch_size, shuffle, seed)
+        if order is not None:
+            callbacks.append(order)
+        if validation_data is not None:
+            validation_data, _, _ = self._training_data(validation_data, None, batch_size, False, seed)
+        if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
+            callbacks.append(StopOnNonFiniteLoss())
+        return keras.Model.fit(
+            self,
+            x=x,
+            y=y,
+            batch_size=batch_size,
+            shuffle=keras_shuffle,
+            validation_data=validation_data,
+            callbacks=callbacks,
+            **kwargs,
+        )
+
+    def evaluate(self, x=None, y=None, batch_size=None, **kwargs):
+        """`keras.Model.evaluate`, taking raw examples as `fit` does."""
+        x, batch_size, _ = self._training_data(x, y, batch_size, False, 0)
+        return keras.Model.evaluate(self, x=x, y=y, batch_size=batch_size, **kwargs)
+
+    def _training_data(self, x, y, batch_size, shuffle, seed):
+        """(data for keras, batch_size for keras, an EpochOrder callback or None)."""
+        from keras_paligemma2.training import EpochOrder
+        from keras_paligemma2.training import RawBatches
+        from keras_paligemma2.training import preprocessed_dataset
+
+        if _is_raw(x):
+            if self.preprocessor is None:
+                raise ValueError(
+                    "Raw examples (prompts and responses) need a preprocessor; this "
+                    "model has none. Pass token ids, labels and sample weights instead."
+                )
+            if y is not None:
+                raise ValueError("With raw examples the labels come from x['responses']; pass no y.")
+            batches = RawBatches(self.preprocessor, x, batch_size or 32, shuffle, seed)
+            return batches, None, EpochOrder(batches)
+        if _is_tf_dataset(x) or inspect.isgenerator(x):
+            image_rank = 4 + (self.backbone.num_images > 1)
+            return preprocessed_dataset(x, self.preprocessor, image_rank), None, None
+        return x, batch_size, None
+
+    # --- What trains ----------------------------------------------------------
+
+    def enable_lora(self, rank, alpha=None, targets=("attention", "mlp")):
+        """Freezes the model and adds LoRA adapters (see `keras_paligemma2.lora`).
+
+        Args:
+            rank: int, the adapters' rank.
+            alpha: float, the update is scaled by alpha / rank (default rank).
+            targets: groups of projections to adapt: "attention", "mlp"
+                (decoder, the default), "vit_attention", "vit_mlp",
+                "image_projection".
+        """
+        from keras_paligemma2 import lora
+
+        lora.enable_lora(self.backbone, rank, alpha, targets)
+
+    def merge_lora(self):
+        """Folds the adapters into the base weights and removes them."""
+        from keras_paligemma2 import lora
+
+        lora.merge_lora(self.backbone)
+
+    def save_lora_weights(self, path):
+        """Saves the LoRA adapters by variable path (`.safetensors`, atomic)."""
+        from keras_paligemma2 import lora
+
+        lora.save_lora_weights(self.backbone, path)
+
+    def load_lora_weights(self, path):
+        """Loads adapters into a model with the same `enable_lora` call made."""
+        from keras_paligemma2 import lora
+
+        lora.load_lora_weights(self.backbone, path)
+
+    def set_trainable(self, recipe):
+        """Freezing recipe for full fine-tuning: "attention_only" (big_vision's
+        colab), "decoder_only" (image encoder frozen) or "all"."""
+        from keras_paligemma2 import lora
+
+        lora.set_trainable(self.backbone, recipe)
+
     def __call__(self, inputs, *args, **kwargs):
         validate_backbone_inputs(inputs, self.backbone.image_size, self.backbone.num_images)
         return super().__call__(inputs, *args, **kwargs)
@@ -310,6 +469,17 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         return load_task(
             cls, preset, load_weights=load_weights, source=source, **overrides
         )
+
+
+def _is_raw(x):
+    return isinstance(x, dict) and "prompts" in x
+
+
+def _is_tf_dataset(x):
+    import sys
+
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(x, tf.data.Dataset)
 
 
 def _until_stop(tokens, stop_token_ids):

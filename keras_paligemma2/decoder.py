@@ -232,6 +232,8 @@ class DecoderBlock(keras.layers.Layer):
         self.attention_logit_soft_cap = attention_logit_soft_cap
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
+        # Set by `PaliGemma2Backbone.set_remat`; a training choice, not config.
+        self.remat = False
 
     def build(self, input_shape):
         common = dict(dtype=self.dtype_policy)
@@ -264,6 +266,12 @@ class DecoderBlock(keras.layers.Layer):
 
     def call(self, x, positions, attention_mask, kv_cache=None, cache_index=None):
         """Returns the block output, and the updated cache when given one."""
+        if self.remat and kv_cache is None:
+            # Activations are recomputed in the backward pass, not stored.
+            return keras.remat(self._forward)(x, positions, attention_mask)
+        return self._forward(x, positions, attention_mask, kv_cache, cache_index)
+
+    def _forward(self, x, positions, attention_mask, kv_cache=None, cache_index=None):
         attended = self.attention(
             self.pre_attention_norm(x),
             positions,

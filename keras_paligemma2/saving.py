@@ -38,3 +38,102 @@ def atomic_directory(path):
             shutil.rmtree(previous, ignore_errors=True)
         else:
             os.remove(previous)
+
+
+def write_safetensors(path, tensors):
+    """Writes `{name: array}` as a `.safetensors` file, atomically.
+
+    Written to a temporary file beside `path`, flushed, then renamed over
+    it: an interrupted write leaves any previous file untouched.
+    """
+    import json
+
+    import numpy as np
+
+    from keras_paligemma2.checkpoints.common import SAFETENSORS_DTYPES
+
+    codes = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset, arrays = {}, 0, []
+    for name, value in tensors.items():
+        array = np.asarray(value)
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")  # (np.ascontiguousarray makes 0-d 1-d)
+        if array.dtype not in codes:
+            raise ValueError(f"Cannot store {name!r} of dtype {array.dtype} in safetensors.")
+        header[name] = {
+            "dtype": codes[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+        arrays.append(array)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # keeps the data 8-byte aligned
+    path = os.path.abspath(os.fspath(path))
+    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            for array in arrays:
+                f.write(array.reshape(-1).view(np.uint8).data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _by_path(variables):
+    if isinstance(variables, dict):
+        return variables
+    named = {}
+    for variable in variables:
+        if variable.path in named:
+            raise ValueError(f"Two variables share the path {variable.path!r}.")
+        named[variable.path] = variable
+    return named
+
+
+def write_state(path, variables):
+    """Saves Keras variables (a list, keyed by path, or a {key: variable}
+    dict) to a `.safetensors` file, atomically."""
+    import keras
+
+    named = _by_path(variables)
+    write_safetensors(path, {k: keras.ops.convert_to_numpy(v.value) for k, v in named.items()})
+
+
+def read_state(path, variables, strict=True):
+    """Assigns the values saved by `write_state` to `variables`, by key.
+
+    With `strict`, a variable missing from the file, a saved value with no
+    variable, or a shape mismatch is an error naming them all; nothing is
+    assigned unless everything matches.
+    """
+    from keras_paligemma2.checkpoints.common import CheckpointError
+    from keras_paligemma2.checkpoints.common import read_safetensors_lazily
+
+    saved = read_safetensors_lazily(path)
+    by_path = _by_path(variables)
+    missing = sorted(set(by_path) - set(saved))
+    unexpected = sorted(set(saved) - set(by_path))
+    misshaped = [
+        f"{p}: saved {saved[p].shape}, variable {tuple(v.shape)}"
+        for p, v in by_path.items()
+        if p in saved and tuple(saved[p].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if strict and missing:
+        problems.append(f"missing from the file: {missing}")
+    if strict and unexpected:
+        problems.append(f"in the file but not in the model: {unexpected}")
+    if misshaped:
+        problems.append(f"shapes differ: {misshaped}")
+    if problems:
+        raise CheckpointError(f"{path!r} does not match the model; " + "; ".join(problems) + ".")
+    for p, variable in by_path.items():
+        if p in saved:
+            variable.assign(saved[p].read().astype(variable.dtype))

@@ -70,6 +70,8 @@ class VisionBlock(keras.layers.Layer):
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
         self.layer_norm_epsilon = layer_norm_epsilon
+        # Set by `PaliGemma2Backbone.set_remat`; a training choice, not config.
+        self.remat = False
 
     def build(self, input_shape):
         width = input_shape[-1]
@@ -88,6 +90,11 @@ class VisionBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
+        if self.remat:
+            return keras.remat(self._forward)(x)
+        return self._forward(x)
+
+    def _forward(self, x):
         x = x + self.attention(self.attention_norm(x))
         hidden = keras.activations.gelu(self.mlp_in(self.mlp_norm(x)), approximate=True)
         return x + self.mlp_out(hidden)

@@ -1,0 +1,353 @@
+"""Training: loss, fit on raw examples, LoRA, freezing, remat, accumulation, resume."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_paligemma2 import PaliGemma2Backbone
+from keras_paligemma2 import PaliGemma2CausalLM
+from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
+from keras_paligemma2 import PaliGemma2ImageConverter
+from keras_paligemma2 import PaliGemma2Tokenizer
+from keras_paligemma2.checkpoints.common import CheckpointError
+from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+from keras_paligemma2.training import ResponseCrossEntropy
+from keras_paligemma2.training import TrainingCheckpoint
+from keras_paligemma2.training import big_vision_optimizer
+from keras_paligemma2.training import big_vision_schedule
+
+WORDS = ["red", "green", "blue", "circle", "square", "caption en", "answer en how many", "one", "two"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_proto():
+    return train_tiny_sentencepiece(WORDS + [" ".join(WORDS)])
+
+
+def make_lm(tokenizer_proto, seed=0, **overrides):
+    tokenizer = PaliGemma2Tokenizer(tokenizer_proto)
+    config = dict(
+        image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
+        vit_intermediate_dim=32, vocabulary_size=tokenizer.vocabulary_size(), num_layers=2,
+        hidden_dim=32, num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=48,
+    )
+    config.update(overrides)
+    keras.utils.set_random_seed(seed)
+    backbone = PaliGemma2Backbone(**config)
+    preprocessor = PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28), sequence_length=12)
+    return PaliGemma2CausalLM(backbone, preprocessor)
+
+
+def examples(count=8, seed=0):
+    rng = np.random.default_rng(seed)
+    colours = ["red", "green", "blue"]
+    images, responses = [], []
+    for i in range(count):
+        image = np.zeros((28, 28, 3), "uint8")
+        image[..., i % 3] = 255
+        images.append(image)
+        responses.append(colours[i % 3] + (" circle" if rng.random() < 0.5 else " square"))
+    return {"images": np.stack(images), "prompts": ["caption en"] * count, "responses": responses}
+
+
+def test_loss_equals_numpy_reference_on_a_hand_made_batch():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype("float32") * 3
+    labels = rng.integers(0, 7, (2, 5))
+    weights = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], "float32")  # prompt / response / padding
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
+    want = (nll * weights).sum() / weights.sum()  # by token count, not batch x length
+    got = float(ResponseCrossEntropy()(labels, logits, sample_weight=weights))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    smoothing = 0.1
+    smooth = -log_probs.mean(-1)
+    want = (((1 - smoothing) * nll + smoothing * smooth) * weights).sum() / weights.sum()
+    got = float(ResponseCrossEntropy(label_smoothing=smoothing)(labels, logits, sample_weight=weights))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_fit_on_raw_examples_lowers_the_loss_and_counts_only_responses(tokenizer_proto):
+    lm = make_lm(tokenizer_proto)
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+    data = examples(16)
+    x, y, w = lm.preprocessor({k: v[:4] for k, v in data.items()})
+    before = float(lm.compute_loss(x=x, y=y, y_pred=lm(x), sample_weight=w))
+    # The same loss by hand: only response + eos labels, divided by their count.
+    logits = np.asarray(lm(x), np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, np.asarray(y)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(before, (nll * w).sum() / w.sum(), rtol=1e-4)
+    history = lm.fit(data, batch_size=4, epochs=8, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.5 * losses[0]
+    assert "accuracy" in history.history
+
+
+def test_fit_takes_tf_data_and_generators_of_raw_batches(tokenizer_proto):
+    import tensorflow as tf
+
+    lm = make_lm(tokenizer_proto)
+    lm.compile(optimizer=keras.optimizers.Adam(1e-3))
+    data = examples(8)
+    dataset = tf.data.Dataset.from_tensor_slices(data).batch(4)
+    history = lm.fit(dataset, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
+
+    def generate():
+        for start in (0, 4):
+            yield {k: v[start : start + 4] for k, v in data.items()}
+
+    history = lm.fit(generate(), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    result = lm.evaluate(data, batch_size=4, verbose=0, return_dict=True)
+    assert np.isfinite(result["loss"])
+
+
+def _trained_variables(lm):
+    return {v.path: np.array(v.value) for v in lm.variables}
+
+
+def test_one_lora_step_changes_only_lora_variables(tokenizer_proto):
+    lm = make_lm(tokenizer_proto)
+    lm.enable_lora(rank=2)
+    trainable = {v.path for v in lm.trainable_variables}
+    assert trainable and all("lora_kernel" in p for p in trainable)
+    # 2 decoder layers x (q, k, v, o, gate, up, down) x (a, b)
+    assert len(trainable) == 2 * 7 * 2
+    lm.compile(optimizer=keras.optimizers.SGD(0.5))
+    before = _trained_variables(lm)
+    lm.fit(examples(4), batch_size=4, epochs=1, verbose=0)
+    after = _trained_variables(lm)
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    # B starts at zero, so A gets no gradient on the first step: only B moves.
+    assert changed and all(p.endswith("lora_kernel_b") for p in changed)
+    with pytest.raises(ValueError, match="already enabled"):
+        lm.enable_lora(rank=2)
+    with pytest.raises(ValueError, match="Unknown LoRA targets"):
+        make_lm(tokenizer_proto).enable_lora(rank=2, targets=("attn",))
+
+
+def test_lora_targets_include_the_vision_encoder_when_asked(tokenizer_proto):
+    lm = make_lm(tokenizer_proto)
+    lm.enable_lora(rank=2, targets=("vit_attention", "vit_mlp", "image_projection"))
+    paths = {v.path for v in lm.trainable_variables}
+    assert any(p.startswith("vision_encoder/") for p in paths)
+    assert not any(p.startswith("decoder_block") for p in paths)
+    assert all("lora_kernel" in p for p in paths)  # ViT biases stay frozen
+
+
+def _randomise_lora(lm, seed=1):
+    rng = np.random.default_rng(seed)
+    for v in lm.variables:
+        if "lora_kernel" in v.path:
+            v.assign(rng.normal(size=v.shape).astype("float32") * 0.3)
+
+
+def test_merge_then_generate_equals_unmerged_generate(tokenizer_proto):
+    lm = make_lm(tokenizer_proto, seed=3)
+    lm.enable_lora(rank=2, alpha=4.0)
+    _randomise_lora(lm)
+    x, _, _ = lm.preprocessor(examples(2))
+    inputs = {"images": examples(2)["images"], "prompts": ["caption en", "answer en how many"]}
+    unmerged_logits = np.asarray(lm(x))
+    unmerged = lm.generate(inputs, max_new_tokens=6, stop_token_ids=None)
+    lm.merge_lora()
+    assert not any("lora" in v.path for v in lm.variables)
+    assert len(lm.trainable_variables) == len(lm.variables)  # everything trains again
+    np.testing.assert_allclose(np.asarray(lm(x)), unmerged_logits, atol=1e-4)
+    assert lm.generate(inputs, max_new_tokens=6, stop_token_ids=None) == unmerged
+    lm.enable_lora(rank=2)  # new adapters after a merge
+
+
+def test_lora_weights_round_trip_by_path(tokenizer_proto, tmp_path):
+    lm = make_lm(tokenizer_proto, seed=4)
+    lm.enable_lora(rank=2)
+    _randomise_lora(lm)
+    path = tmp_path / "adapters.safetensors"
+    lm.save_lora_weights(path)
+    x, _, _ = lm.preprocessor(examples(2))
+    want = np.asarray(lm(x))
+
+    other = make_lm(tokenizer_proto, seed=4)  # same base weights, fresh adapters
+    other.enable_lora(rank=2)
+    assert not np.allclose(np.asarray(other(x)), want, atol=1e-4)
+    other.load_lora_weights(path)
+    np.testing.assert_allclose(np.asarray(other(x)), want, atol=1e-6)
+
+    wrong_rank = make_lm(tokenizer_proto, seed=4)
+    wrong_rank.enable_lora(rank=3)
+    with pytest.raises(CheckpointError, match="shapes differ"):
+        wrong_rank.load_lora_weights(path)
+    wrong_targets = make_lm(tokenizer_proto, seed=4)
+    wrong_targets.enable_lora(rank=2, targets=("attention",))
+    with pytest.raises(CheckpointError, match="in the file but not in the model"):
+        wrong_targets.load_lora_weights(path)
+    with pytest.raises(ValueError, match="enable_lora"):
+        make_lm(tokenizer_proto).load_lora_weights(path)
+
+
+def test_lora_on_an_int8_base_fits_and_generates(tokenizer_proto):
+    lm = make_lm(tokenizer_proto, seed=5)
+    lm.backbone.quantize("int8")
+    lm.enable_lora(rank=2)
+    assert all("lora_kernel" in v.path for v in lm.trainable_variables)
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+    before = _trained_variables(lm)
+    history = lm.fit(examples(4), batch_size=4, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    after = _trained_variables(lm)
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    assert changed and all("lora_kernel" in p for p in changed)
+    text = lm.generate({"images": examples(1)["images"][0], "prompts": "caption en"}, max_new_tokens=4)
+    assert isinstance(text, str)
+    with pytest.raises(ValueError, match="quantised"):
+        lm.merge_lora()
+
+
+@pytest.mark.parametrize(
+    "recipe, trains",
+    [
+        ("attention_only", lambda p: "/attention/" in p and p.startswith("decoder_block")),
+        ("decoder_only", lambda p: not p.startswith(("vision_encoder", "image_projection"))),
+        ("all", lambda p: True),
+    ],
+)
+def test_freezing_recipes(tokenizer_proto, recipe, trains):
+    lm = make_lm(tokenizer_proto)
+    lm.set_trainable(recipe)
+    trainable = {v.path for v in lm.trainable_variables}
+    assert trainable == {v.path for v in lm.variables if trains(v.path)}
+    assert trainable
+    with pytest.raises(ValueError, match="Unknown recipe"):
+        lm.set_trainable("mlp_only")
+
+
+def _one_sgd_step(lm, data, **compile_kwargs):
+    lm.compile(optimizer=keras.optimizers.SGD(0.1, **compile_kwargs.pop("optimizer_kwargs", {})), **compile_kwargs)
+    lm.fit(data, batch_size=compile_kwargs.pop("batch_size", 4), shuffle=False, epochs=1, verbose=0)
+    return _trained_variables(lm)
+
+
+def test_remat_gives_the_same_step(tokenizer_proto):
+    data = examples(4)
+    plain = _one_sgd_step(make_lm(tokenizer_proto, seed=6), data)
+    remat = _one_sgd_step(make_lm(tokenizer_proto, seed=6), data, remat=True)
+    for path in plain:
+        np.testing.assert_allclose(remat[path], plain[path], atol=1e-6, err_msg=path)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tokenizer_proto):
+    # Same prompt and same response length everywhere: each half-batch has
+    # the same number of loss tokens, so the mean of the halves' gradients
+    # is the full batch's gradient.
+    data = examples(4)
+    data["responses"] = ["red circle"] * 4
+    full = make_lm(tokenizer_proto, seed=7)
+    full.compile(optimizer=keras.optimizers.SGD(0.1))
+    full.fit(data, batch_size=4, shuffle=False, epochs=1, verbose=0)
+    halves = make_lm(tokenizer_proto, seed=7)
+    halves.compile(optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=2))
+    halves.fit(data, batch_size=2, shuffle=False, epochs=1, verbose=0)
+    want, got = _trained_variables(full), _trained_variables(halves)
+    for v in full.trainable_variables:
+        np.testing.assert_allclose(got[v.path], want[v.path], atol=2e-6, err_msg=v.path)
+
+
+def test_mixed_bfloat16_keeps_float32_weights(tokenizer_proto):
+    lm = make_lm(tokenizer_proto, dtype="mixed_bfloat16")
+    assert all(v.dtype == "float32" for v in lm.trainable_variables)
+    lm.compile(optimizer=big_vision_optimizer(total_steps=4, learning_rate=1e-3))
+    history = lm.fit(examples(8), batch_size=4, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert all(v.dtype == "float32" for v in lm.trainable_variables)
+
+
+def test_big_vision_schedule_warms_up_then_decays_to_zero():
+    schedule = big_vision_schedule(total_steps=100, learning_rate=1e-3, warmup_fraction=0.1)
+    rates = [float(schedule(step)) for step in (0, 5, 10, 55, 100)]
+    assert rates[0] == 0 and rates[1] == pytest.approx(5e-4) and rates[2] == pytest.approx(1e-3)
+    assert rates[3] == pytest.approx(5e-4, rel=1e-3) and rates[4] == pytest.approx(0, abs=1e-9)
+    optimizer = big_vision_optimizer(total_steps=100, learning_rate=1e-3)
+    assert optimizer.global_clipnorm == 1.0 and isinstance(optimizer, keras.optimizers.Adam)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def __init__(self, at_epoch):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at_epoch:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_fit_resumes_to_the_same_weights(tokenizer_proto, tmp_path):
+    data = examples(12)
+
+    def run(callbacks):
+        lm = make_lm(tokenizer_proto, seed=8)
+        lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+        lm.fit(data, batch_size=4, epochs=3, seed=5, verbose=0, callbacks=callbacks)
+        return lm
+
+    straight = _trained_variables(run([]))
+    directory = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run([TrainingCheckpoint(directory), _Interrupt(at_epoch=2)])
+    assert TrainingCheckpoint(directory).completed_epochs() == 2
+    resumed = run([TrainingCheckpoint(directory)])
+    assert TrainingCheckpoint(directory).completed_epochs() == 3
+    got = _trained_variables(resumed)
+    for path, value in straight.items():
+        np.testing.assert_allclose(got[path], value, atol=1e-6, err_msg=path)
+
+
+class _DivergeAfterFirstEpoch(keras.callbacks.Callback):
+    def __init__(self, state_path):
+        super().__init__()
+        self.state_path = state_path
+        self.saved = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:  # runs after the checkpoint callback wrote epoch 1
+            self.saved = self.state_path.read_bytes()
+            self.model.optimizer.learning_rate.assign(1e30)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tokenizer_proto, tmp_path):
+    lm = make_lm(tokenizer_proto)
+    lm.compile(optimizer=keras.optimizers.SGD(0.01))
+    directory = tmp_path / "run"
+    diverge = _DivergeAfterFirstEpoch(directory / "state.safetensors")
+    with pytest.raises(FloatingPointError, match=r"at epoch 2, step \d"):
+        lm.fit(examples(8), batch_size=4, epochs=3, verbose=0, callbacks=[TrainingCheckpoint(directory), diverge])
+    assert (directory / "state.safetensors").read_bytes() == diverge.saved
+    assert TrainingCheckpoint(directory).completed_epochs() == 1
+    assert not [f for f in os.listdir(directory) if "partial" in f or f.endswith(".tmp")]
+
+
+def test_bad_training_input_is_explained(tokenizer_proto):
+    lm = make_lm(tokenizer_proto)
+    lm.compile()
+    data = examples(4)
+    with pytest.raises(ValueError, match="one entry per example"):
+        lm.fit({**data, "responses": data["responses"][:3]}, batch_size=2, verbose=0)
+    with pytest.raises(ValueError, match="lack \\['responses'\\]"):
+        lm.fit({"images": data["images"], "prompts": data["prompts"]}, batch_size=2, verbose=0)
+    with pytest.raises(ValueError, match="labels come from"):
+        lm.fit(data, np.zeros(4), batch_size=2, verbose=0)
+    from keras_paligemma2.training import preprocessed_dataset
+
+    garbage = {"images": [b"not an image"], "prompts": [b"caption en"], "responses": [b"red"]}
+    with pytest.raises(ValueError, match="neither an existing file path nor a decodable image"):
+        next(preprocessed_dataset(iter_once(garbage), lm.preprocessor))
+    # An empty response trains the model to stop at once: only <eos> counts.
+    _, _, weights = lm.preprocessor({"images": data["images"][:1], "prompts": ["caption en"], "responses": [""]})
+    assert weights.sum() == 1
+
+
+def iter_once(batch):
+    yield batch
