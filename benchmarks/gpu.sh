@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Decode speed of 3B-shaped bfloat16 weights on the lent GPU machine, with
-# keras-hub's model beside it (benchmarks/gpu_decode.py says what is timed).
+# On the lent GPU machine, 3B-shaped bfloat16 weights:
+#   bash benchmarks/gpu.sh          decode speed, keras-hub beside it (gpu_decode.py)
+#   bash benchmarks/gpu.sh train    a LoRA training step, examples/s and MFU (gpu_train.py)
 # That machine has JAX but not Keras: first, here, put the wheels in .whl/
 # (ignored by git) and carry them:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -12,4 +13,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 benchmarks/gpu_decode.py --batches 1 16 --peer "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_decode.log"
+if [ "${1:-decode}" = train ]; then
+  shift
+  python3 benchmarks/gpu_train.py --batches 8 32 "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_train.log"
+else
+  [ "${1:-}" = decode ] && shift
+  python3 benchmarks/gpu_decode.py --batches 1 16 --peer "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_decode.log"
+fi
