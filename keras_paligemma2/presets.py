@@ -133,10 +133,36 @@ for _kind, _sizes, _resolutions, _what in FAMILIES:
 
 SOURCES = ("big_vision", "transformers", "keras_hub")
 
+# Presets that ship with the package (trained in this repository), by name:
+# Keras preset directories under `presets/` in a source checkout, installed
+# as `keras_paligemma2/embedded_presets/` in a wheel.
+EMBEDDED = {
+    "pg2_tiny_shapes": (
+        "A 3 M-parameter PaliGemma 2 (SigLIP ViT + Gemma 2 decoder, soft-caps, "
+        "<loc>/<seg> tokenizer) trained by examples/train_tiny_shapes.py on "
+        "synthetic shapes: captions, detection, counting, colours. 112 px."
+    ),
+}
+
+
+def embedded_preset_dir(name):
+    """The directory of a shipped preset, or None if it is not installed."""
+    import os
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    for root in (
+        os.path.join(package, "embedded_presets"),
+        os.path.join(os.path.dirname(package), "presets"),
+    ):
+        candidate = os.path.join(root, name)
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    return None
+
 
 def list_presets():
-    """Names of the registered presets."""
-    return sorted(PRESETS)
+    """Names of the registered presets (released checkpoints, then shipped ones)."""
+    return sorted(PRESETS) + sorted(EMBEDDED)
 
 
 def preset_config(name):

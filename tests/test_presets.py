@@ -22,8 +22,9 @@ def test_registered_name_without_weights_builds_the_architecture():
 
 
 def test_every_released_checkpoint_is_registered_with_its_sources():
-    names = presets.list_presets()
+    names = sorted(presets.PRESETS)
     assert len(names) == 9 + 6 + 2
+    assert presets.list_presets() == names + sorted(presets.EMBEDDED)
     for size in ("3b", "10b", "28b"):
         for resolution in (224, 448):
             assert f"pg2_mix_{size}_{resolution}" in names

@@ -27,7 +27,7 @@ from keras_paligemma2.tokenizer import PaliGemma2Tokenizer
 
 def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
     """`PaliGemma2Backbone.from_preset`: see its docstring."""
-    preset = os.fspath(preset)
+    preset = _embedded(os.fspath(preset), source)
     _check_overrides(cls, overrides)
     if preset in presets.PRESETS:
         return _load_registered(cls, preset, load_weights, source, overrides)
@@ -73,6 +73,23 @@ def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
     if "://" in preset:
         return _load_keras_preset(cls, preset, load_weights, overrides)
     raise ValueError(presets.unknown_preset_message(preset))
+
+
+def _embedded(name, source):
+    """A shipped preset's name to its directory; anything else unchanged."""
+    if name not in presets.EMBEDDED:
+        return name
+    if source is not None:
+        raise ValueError(f"{name!r} ships with the package; it takes no `source`.")
+    directory = presets.embedded_preset_dir(name)
+    if directory is None:
+        raise CheckpointError(
+            f"The shipped preset {name!r} is missing from this installation "
+            "(presets/ in a source checkout, keras_paligemma2/embedded_presets/ "
+            "in a wheel). Reinstall keras-paligemma2, or train it with "
+            "examples/train_tiny_shapes.py --export presets/" + name + "."
+        )
+    return directory
 
 
 def _keras_preset_class(preset):
@@ -174,7 +191,7 @@ def _check_matches_preset(config, expected, source_name, preset):
 
 def load_task(cls, preset, load_weights=True, source=None, **overrides):
     """`PaliGemma2CausalLM.from_preset`: see its docstring."""
-    path = os.fspath(preset)
+    path = _embedded(os.fspath(preset), source)
     keras_preset = os.path.isdir(path) and _is_keras_preset(path) or "://" in path
     if keras_preset and _keras_preset_class(path) == cls.backbone_cls.__name__:
         from keras_hub.src.utils.preset_utils import check_file_exists
