@@ -152,7 +152,13 @@ class RawBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         rows = self.order(self.epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         batch = {k: _take(self.examples[k], rows) for k in ("images", "prompts", "responses")}
-        return self.preprocessor(batch)
+        try:
+            return self.preprocessor(batch)
+        except ValueError as error:
+            # The preprocessor counts within the batch; name the examples.
+            raise ValueError(
+                f"Batch {index} (examples {rows.tolist()} of the data set): {error}"
+            ) from error
 
 
 

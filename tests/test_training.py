@@ -351,3 +351,22 @@ def test_bad_training_input_is_explained(tokenizer_proto):
 
 def iter_once(batch):
     yield batch
+
+
+def test_fit_takes_a_list_of_differently_sized_images(tokenizer_proto):
+    # Each image is resized on its own (big_vision's squash), so sizes and
+    # greyscale / RGBA may mix within a batch.
+    lm = make_lm(tokenizer_proto)
+    lm.compile(optimizer=keras.optimizers.Adam(1e-3))
+    images = [
+        np.zeros((40, 60, 3), "uint8"),
+        np.full((28, 28), 128, "uint8"),
+        np.zeros((90, 30, 4), "uint8"),
+        np.full((50, 50, 3), 255, "uint8"),
+    ]
+    data = {"images": images, "prompts": ["caption en"] * 4, "responses": ["red", "green", "blue", "red"]}
+    history = lm.fit(data, batch_size=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    with pytest.raises(ValueError, match=r"examples \[0, 1\] of the data set\): image 1 has shape"):
+        lm.fit({**data, "images": [images[0], np.zeros((5, 5, 7), "uint8"), images[2], images[3]]},
+               batch_size=2, shuffle=False, epochs=1, verbose=0)
