@@ -235,6 +235,32 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         self.vit_layer_norm_epsilon = vit_layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
 
+    @classmethod
+    def get_layout_map(cls, device_mesh, config, model_axis="model", data_axis="batch", fsdp=False):
+        """A `keras.distribution.LayoutMap` for the backbone `config` (a dict or
+        a registered preset name) on `device_mesh`, valid for any mesh shape:
+        a dimension is sharded only where the axis divides it (see
+        `keras_paligemma2.distribution`). `fsdp=True` also shards weights over
+        the data axis, for training.
+
+        Example:
+        ```python
+        import keras
+        from keras_paligemma2 import PaliGemma2Backbone
+
+        mesh = keras.distribution.DeviceMesh((1, 8), ("batch", "model"))
+        layouts = PaliGemma2Backbone.get_layout_map(mesh, "pg2_10b_224")
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch"))
+        ```
+        """
+        from keras_paligemma2 import distribution
+        from keras_paligemma2.presets import preset_config
+
+        if isinstance(config, str):
+            config = preset_config(config)
+        return distribution.layout_map(device_mesh, config, model_axis, data_axis, fsdp)
+
     def set_remat(self, enabled=True):
         """Recompute each decoder and ViT block in the backward pass (less
         activation memory, about a third more compute). Takes effect when

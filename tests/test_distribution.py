@@ -1,0 +1,144 @@
+"""Sharded layouts on 8 simulated CPU devices (conftest sets the XLA flag)."""
+
+import jax
+import keras
+import numpy as np
+import pytest
+
+from keras_paligemma2 import PaliGemma2Backbone
+from keras_paligemma2 import PaliGemma2CausalLM
+from keras_paligemma2 import distribution as dist
+
+# kv heads 2 and a 60-word vocabulary: neither divides a model axis of 8, the
+# MLP (48) and head_dim (8) do; the ViT has 2 heads.
+CONFIG = dict(
+    image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
+    vit_intermediate_dim=32, vocabulary_size=60, num_layers=2, hidden_dim=32,
+    num_query_heads=4, num_key_value_heads=2, head_dim=8, intermediate_dim=48,
+    final_logit_soft_cap=30.0,
+)
+MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
+
+
+def inputs(rng, batch=8, length=6):
+    token_ids = rng.integers(3, 60, (batch, length)).astype("int32")
+    response = np.zeros((batch, length), "int32")
+    response[:, 3:] = 1
+    x = {
+        "images": rng.uniform(-1, 1, (batch, 28, 28, 3)).astype("float32"),
+        "token_ids": token_ids,
+        "padding_mask": np.ones((batch, length), "int32"),
+        "response_mask": response,
+    }
+    labels = rng.integers(0, 60, (batch, length)).astype("int32")
+    return x, labels, response.astype("float32")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single-device weights, logits, one full and one LoRA SGD step, greedy tokens."""
+    keras.utils.set_random_seed(0)
+    lm = PaliGemma2CausalLM(PaliGemma2Backbone(**CONFIG))
+    weights = lm.get_weights()
+    x, y, w = inputs(np.random.default_rng(1))
+    out = {"weights": weights, "logits": np.asarray(lm(x)), "batch": (x, y, w)}
+    out["greedy"] = lm.generate({k: x[k] for k in ("images", "token_ids", "padding_mask")}, max_new_tokens=5, stop_token_ids=None)["token_ids"]
+    lm.compile(optimizer=keras.optimizers.SGD(0.1))
+    lm.train_on_batch(x, y, sample_weight=w)
+    out["full_step"] = {v.path: np.asarray(v.value) for v in lm.variables}
+    lm.set_weights(weights)
+    lm.enable_lora(rank=2)
+    _set_lora(lm)
+    lm.compile(optimizer=keras.optimizers.SGD(0.1))
+    lm.train_on_batch(x, y, sample_weight=w)
+    out["lora_step"] = {v.path: np.asarray(v.value) for v in lm.variables}
+    return out
+
+
+def _set_lora(lm):
+    rng = np.random.default_rng(5)
+    for v in lm.variables:
+        if "lora_kernel" in v.path:
+            v.assign(rng.normal(size=v.shape).astype("float32") * 0.1)
+
+
+def _sharded_lm(mesh_shape, weights, fsdp=False):
+    distribution = dist.model_parallel(CONFIG, mesh_shape, fsdp=fsdp)
+    with distribution.scope():
+        lm = PaliGemma2CausalLM(PaliGemma2Backbone(**CONFIG))
+        lm.set_weights(weights)
+    return lm, distribution
+
+
+def test_every_layout_divides_its_dimensions_on_any_mesh():
+    for shape in MESHES + [(3, 1), (1, 3), (1, 5)]:
+        sizes = {"batch": shape[0], "model": shape[1]}
+        for path, dims in dist.model_weights(dict(CONFIG, vocabulary_size=257_152)):
+            for fsdp in (False, True):
+                layout = dist.variable_layout(path, dims, sizes, fsdp=fsdp)
+                assert len(layout) == len(dims)
+                for size, axis in zip(dims, layout):
+                    assert axis is None or size % sizes[axis] == 0, (path, dims, layout)
+    layouts = dict(
+        (p, dist.variable_layout(p, s, {"batch": 1, "model": 8}))
+        for p, s in dist.model_weights(CONFIG)
+    )
+    # kv heads (2) cannot take 8 ways: head_dim (8) does; vocabulary 60 falls back to D.
+    assert layouts["decoder_block_0/attention/key/kernel"] == (None, None, "model")
+    assert layouts["decoder_block_0/attention/query/kernel"] == (None, None, "model")
+    assert layouts["token_embedding/embeddings"] == (None, "model")
+    assert layouts["decoder_block_0/mlp/gate/kernel"] == (None, "model")
+    assert layouts["decoder_block_0/pre_attention_norm/scale"] == (None,)
+    query = "decoder_block_0/attention/query/kernel"
+    assert dist.variable_layout(query, (8, 2304, 256), {"batch": 2, "model": 4}, fsdp=True) == ("model", "batch", None)
+    assert dist.variable_layout(query, (4, 32, 8), {"batch": 2, "model": 4}, fsdp=True) == ("model", None, None)
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_sharded_forward_generation_and_steps_equal_single_device(reference, mesh_shape):
+    x, y, w = reference["batch"]
+    lm, distribution = _sharded_lm(mesh_shape, reference["weights"], fsdp=mesh_shape[0] > 1)
+    with distribution.scope():
+        kernel = lm.backbone.decoder_blocks[0].mlp.gate._kernel
+        assert len(kernel.value.sharding.device_set) == 8
+        np.testing.assert_allclose(np.asarray(lm(x)), reference["logits"], atol=1e-5)
+        greedy = lm.generate({k: x[k] for k in ("images", "token_ids", "padding_mask")}, max_new_tokens=5, stop_token_ids=None)
+        np.testing.assert_array_equal(greedy["token_ids"], reference["greedy"])
+        lm.compile(optimizer=keras.optimizers.SGD(0.1))
+        lm.train_on_batch(x, y, sample_weight=w)
+        for v in lm.variables:
+            np.testing.assert_allclose(np.asarray(v.value), reference["full_step"][v.path], atol=1e-5, err_msg=v.path)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4)])
+def test_sharded_lora_step_equals_single_device_and_int8_lora_runs(reference, mesh_shape):
+    x, y, w = reference["batch"]
+    lm, distribution = _sharded_lm(mesh_shape, reference["weights"])
+    with distribution.scope():
+        lm.enable_lora(rank=2)
+        _set_lora(lm)
+        lm.compile(optimizer=keras.optimizers.SGD(0.1))
+        lm.train_on_batch(x, y, sample_weight=w)
+        for v in lm.variables:
+            np.testing.assert_allclose(np.asarray(v.value), reference["lora_step"][v.path], atol=1e-5, err_msg=v.path)
+
+    quantized, distribution = _sharded_lm(mesh_shape, reference["weights"])
+    with distribution.scope():
+        quantized.backbone.quantize("int8")
+        quantized.enable_lora(rank=2)
+        quantized.compile(optimizer=keras.optimizers.Adam(1e-2))
+        before = quantized.train_on_batch(x, y, sample_weight=w, return_dict=True)["loss"]
+        for _ in range(3):
+            after = quantized.train_on_batch(x, y, sample_weight=w, return_dict=True)["loss"]
+        assert np.isfinite(after) and after < before
+        tokens = quantized.generate({k: x[k] for k in ("images", "token_ids", "padding_mask")}, max_new_tokens=3, stop_token_ids=None)
+        assert tokens["token_ids"].shape == (8, 3)
+        kernel = quantized.backbone.decoder_blocks[0].mlp.gate._kernel
+        assert kernel.dtype == "int8" and len(kernel.value.sharding.device_set) == 8
+
+
+def test_layout_map_needs_the_mesh_axes():
+    mesh = keras.distribution.DeviceMesh((8,), ("data",), keras.distribution.list_devices())
+    with pytest.raises(ValueError, match="expected 'model' and 'batch'"):
+        PaliGemma2Backbone.get_layout_map(mesh, CONFIG)
+    assert jax.device_count() == 8
