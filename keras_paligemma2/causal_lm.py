@@ -71,15 +71,17 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         logits = self.text_logits(text_hidden)
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
 
-    def text_logits(self, text_hidden, decode_step=False):
+    def text_logits(self, text_hidden, decode_step=False, soft_cap=True):
         """Tied-embedding logits in float32, soft-capped when configured.
 
         `decode_step`: the logits of a decode step after the first generated
         token, the only ones big_vision caps (scope "decode_steps").
+        `soft_cap=False` skips the cap where only the argmax is used (greedy
+        decoding): tanh is increasing, so the argmax is the same.
         """
         logits = self.backbone.token_embedding(text_hidden, reverse=True)
         cap = self.backbone.final_logit_soft_cap
-        if cap and (decode_step or self.backbone.final_logit_soft_cap_scope == "all"):
+        if soft_cap and cap and (decode_step or self.backbone.final_logit_soft_cap_scope == "all"):
             logits = ops.tanh(logits / cap) * cap
         return logits
 

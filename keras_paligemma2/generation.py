@@ -173,7 +173,7 @@ class Decoder:
         lengths = jnp.sum(valid, axis=1) + num_image
         return logits, (caches, cache_valid, cache_positions, lengths)
 
-    def _extend(self, token, index, state, prefill_len):
+    def _extend(self, token, index, state, prefill_len, soft_cap=True):
         """Feeds `token` (B,), the generated token number `index`; returns
         the next logits (B, V) and the updated state. Each generated token is
         its own causal block (mask_ar = 1)."""
@@ -210,7 +210,7 @@ class Decoder:
                 cache_index=slot,
             )
             new_caches.append(cache)
-        logits = self.lm.text_logits(backbone.final_norm(x), decode_step=True)[:, 0]
+        logits = self.lm.text_logits(backbone.final_norm(x), decode_step=True, soft_cap=soft_cap)[:, 0]
         return logits, (new_caches, cache_valid, cache_positions, lengths)
 
     def _layer_kinds(self):
@@ -228,7 +228,8 @@ class Decoder:
         # chooses the next and stores it at index + 1: n tokens, n - 1 steps.
         def step(carry):
             index, token, done, state, output, rng = carry
-            logits, state = self._extend(token, index, state, prefill_len)
+            # Greedy steps skip the final soft-cap: the argmax is the same.
+            logits, state = self._extend(token, index, state, prefill_len, soft_cap=not sampler.greedy)
             rng, pick = jax.random.split(rng)
             next_token = sampler(logits, pick)
             output = output.at[:, index + 1].set(jnp.where(done, 0, next_token))
