@@ -255,10 +255,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         ```
         """
         from keras_paligemma2 import distribution
-        from keras_paligemma2.presets import preset_config
 
-        if isinstance(config, str):
-            config = preset_config(config)
         return distribution.layout_map(device_mesh, config, model_axis, data_axis, fsdp)
 
     def set_remat(self, enabled=True):
