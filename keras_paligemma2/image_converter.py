@@ -65,6 +65,11 @@ class PaliGemma2ImageConverter(keras_hub.layers.ImageConverter):
         self.side = int(image_size)
 
     def call(self, inputs):
+        return self.convert(inputs)
+
+    def convert(self, inputs):
+        """`call` without Keras' layer wrapper, whose error messages repeat
+        every argument (whole pixel arrays) around ours."""
         single = _is_single_image(inputs)
         images = [inputs] if single else list(inputs)
         if not images:

@@ -204,11 +204,12 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
     def _images(self, images, batch):
         if self.image_converter is None:
             raise ValueError("This preprocessor has no image_converter.")
+        convert = getattr(self.image_converter, "convert", self.image_converter)
         if _several_per_example(images):
             # (B, n) images: convert each example's images, keep their order.
-            converted = np.stack([self.image_converter(list(row)) for row in images])
+            converted = np.stack([convert(list(row)) for row in images])
         else:
-            converted = self.image_converter(images)
+            converted = convert(images)
         if converted.ndim == 3:
             converted = converted[None]
         if len(converted) != batch:

@@ -153,7 +153,7 @@ class RawBatches(keras.utils.PyDataset):
         rows = self.order(self.epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         batch = {k: _take(self.examples[k], rows) for k in ("images", "prompts", "responses")}
         try:
-            return self.preprocessor(batch)
+            return _preprocess(self.preprocessor, batch)
         except ValueError as error:
             # The preprocessor counts within the batch; name the examples.
             raise ValueError(
@@ -229,6 +229,16 @@ def _preprocess_raw(preprocessor, batch):
         batch["images"] = [_image(i) for i in images]
     elif isinstance(images, (list, tuple)):
         batch["images"] = [_image(i) for i in images]
+    return _preprocess(preprocessor, batch)
+
+
+def _preprocess(preprocessor, batch):
+    """Our preprocessor runs NumPy code: call it without Keras' layer
+    wrapper, whose errors repeat every argument (whole images) around ours."""
+    from keras_paligemma2.preprocessor import PaliGemma2CausalLMPreprocessor
+
+    if isinstance(preprocessor, PaliGemma2CausalLMPreprocessor):
+        return preprocessor.call(batch)
     return preprocessor(batch)
 
 
