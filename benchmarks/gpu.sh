@@ -2,6 +2,7 @@
 # On the lent GPU machine, 3B-shaped bfloat16 weights:
 #   bash benchmarks/gpu.sh          decode speed, keras-hub beside it (gpu_decode.py)
 #   bash benchmarks/gpu.sh train    a LoRA training step, examples/s and MFU (gpu_train.py)
+#   bash benchmarks/gpu.sh plan     the memory planner against peak device memory (gpu_plan.py)
 # That machine has JAX but not Keras: first, here, put the wheels in .whl/
 # (ignored by git) and carry them:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -13,7 +14,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if [ "${1:-decode}" = train ]; then
+if [ "${1:-decode}" = plan ]; then
+  for run in "inference 16" "full 8"; do
+    python3 benchmarks/gpu_plan.py $run 2>&1 | tee -a "${OUT:-/tmp}/gpu_plan.log"
+  done
+elif [ "${1:-decode}" = train ]; then
   shift
   python3 benchmarks/gpu_train.py --batches 8 32 "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_train.log"
 else
