@@ -7,6 +7,14 @@ held-out accuracy.
     python examples/train_tiny_shapes.py --epochs 60     # train for longer
     python examples/train_tiny_shapes.py --export presets/pg2_tiny_shapes
 
+Two stages, as PaliGemma itself (whose SigLIP encoder is trained before the
+language model sees it): first the ViT alone learns to label every patch
+with the shape and colour covering it (`--vision-steps`), then the whole
+model trains on the four tasks. Dense labels matter: trained only through
+the language model, or on one label per image, this ViT took tens of
+thousands of images before telling a circle from a square; with a label per
+patch it does within a few thousand.
+
 Reproducible: the tokenizer, the initial weights and every batch come from
 `--seed` (batch i of epoch e is drawn from (seed, e, i) alone). The state is
 checkpointed atomically in `--work` after every epoch of `--steps-per-epoch`
@@ -33,6 +41,8 @@ from keras_paligemma2 import PaliGemma2Tokenizer  # noqa: E402
 from keras_paligemma2 import TrainingCheckpoint  # noqa: E402
 from keras_paligemma2 import big_vision_optimizer  # noqa: E402
 from keras_paligemma2 import shapes  # noqa: E402
+from keras_paligemma2.saving import read_state  # noqa: E402
+from keras_paligemma2.saving import write_state  # noqa: E402
 from keras_paligemma2.tokenizer import train_tiny_sentencepiece  # noqa: E402
 
 # Small everywhere but the vision encoder: telling the shapes apart is the
@@ -74,6 +84,75 @@ class ShapesBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         data = shapes.training_examples(self.batch_size, seed=[self.seed, self.epoch, index])
         return self.preprocessor({k: data[k] for k in ("images", "prompts", "responses")})
+
+
+class PatchLabels(keras.utils.PyDataset):
+    """Images and, per patch, 0 (background) or 1 + 4 x shape + colour of
+    the object whose box holds the patch centre; batch i from (seed, -1, i)."""
+
+    def __init__(self, converter, batch_size, steps, seed):
+        super().__init__()
+        self.converter = converter
+        self.batch_size = batch_size
+        self.steps = steps
+        self.seed = seed
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, 1_000_000, index])
+        grid = CONFIG["image_size"] // CONFIG["patch_size"]
+        cell = shapes.SIZE / grid
+        centres = (np.arange(grid) + 0.5) * cell
+        images, labels = [], []
+        for _ in range(self.batch_size):
+            image, objects = shapes.draw_scene(rng)
+            label = np.zeros((grid, grid), "int32")
+            for obj in objects:
+                top, left, bottom, right = obj["box"]
+                rows = (centres >= top) & (centres < bottom)
+                cols = (centres >= left) & (centres < right)
+                kind = 1 + 4 * shapes.SHAPES.index(obj["shape"]) + list(shapes.COLOURS).index(obj["colour"])
+                label[np.ix_(rows, cols)] = kind
+            images.append(image)
+            labels.append(label.reshape(-1))
+        return self.converter.convert(images).astype("float32"), np.stack(labels)
+
+
+def pretrain_vision(lm, work, steps, batch_size, seed, learning_rate):
+    """Stage 1: the backbone's own ViT with a linear patch classifier on top."""
+    path = os.path.join(work, "vision.safetensors")
+    encoder = lm.backbone.vision_encoder
+    if os.path.exists(path):
+        read_state(path, encoder.weights)
+        print(f"vision encoder from {path}", flush=True)
+        return
+    size = CONFIG["image_size"]
+    images = keras.Input((size, size, 3))
+    classes = 1 + len(shapes.SHAPES) * len(shapes.COLOURS)
+    model = keras.Model(images, keras.layers.Dense(classes)(encoder(images)))
+    schedule = keras.optimizers.schedules.CosineDecay(0.0, steps, warmup_target=learning_rate, warmup_steps=steps // 20)
+    model.compile(
+        keras.optimizers.Adam(schedule, global_clipnorm=1.0),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    start = time.time()
+    model.fit(
+        PatchLabels(lm.preprocessor.image_converter, batch_size, steps, seed), epochs=1, verbose=2
+    )
+    test_images, test_labels = PatchLabels(lm.preprocessor.image_converter, 500, 1, seed + 1)[0]
+    predicted = model.predict(test_images, verbose=0).argmax(-1)
+    on_objects = test_labels > 0
+    shape_of = lambda k: (k - 1) // len(shapes.COLOURS)  # noqa: E731
+    accuracy = (shape_of(predicted[on_objects]) == shape_of(test_labels[on_objects])).mean()
+    print(
+        f"stage 1: {steps} steps in {time.time() - start:.0f} s; held-out shape accuracy on object "
+        f"patches {accuracy:.1%}",
+        flush=True,
+    )
+    write_state(path, encoder.weights)
 
 
 class SetEpoch(keras.callbacks.Callback):
@@ -129,19 +208,23 @@ def main():
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=5, help="epochs between quick evaluations")
+    parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1 steps (batch 64)")
+    parser.add_argument("--vision-learning-rate", type=float, default=1e-3)
     parser.add_argument("--export", help="write the trained model as a preset here")
     parser.add_argument("--eval-images", type=int, default=300)
     args = parser.parse_args()
 
     lm = build(args.work, args.seed)
     print(f"pg2_tiny_shapes: {lm.backbone.count_params() / 1e6:.2f} M parameters", flush=True)
+    checkpoint = TrainingCheckpoint(os.path.join(args.work, "checkpoint"))
+    if args.vision_steps and not checkpoint.completed_epochs():
+        pretrain_vision(lm, args.work, args.vision_steps, 64, args.seed, args.vision_learning_rate)
     total = args.epochs * args.steps_per_epoch
     lm.compile(
         optimizer=big_vision_optimizer(
             total, learning_rate=args.learning_rate, warmup_fraction=0.02, weight_decay=args.weight_decay
         )
     )
-    checkpoint = TrainingCheckpoint(os.path.join(args.work, "checkpoint"))
     done = checkpoint.completed_epochs()
     if done < args.epochs:
         batches = ShapesBatches(lm.preprocessor, args.batch_size, args.steps_per_epoch, args.seed)
