@@ -145,9 +145,13 @@ class RawBatches(keras.utils.PyDataset):
         return math.ceil(self.count / self.batch_size)
 
     def order(self, epoch):
-        if not self.shuffle:
-            return np.arange(self.count)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.count)
+        """The example order of `epoch` (computed once per epoch)."""
+        if getattr(self, "_order", (None,))[0] != epoch:
+            rows = np.arange(self.count)
+            if self.shuffle:
+                rows = np.random.default_rng([self.seed, epoch]).permutation(self.count)
+            self._order = (epoch, rows)
+        return self._order[1]
 
     def __getitem__(self, index):
         rows = self.order(self.epoch)[index * self.batch_size : (index + 1) * self.batch_size]
@@ -159,7 +163,6 @@ class RawBatches(keras.utils.PyDataset):
             raise ValueError(
                 f"Batch {index} (examples {rows.tolist()} of the data set): {error}"
             ) from error
-
 
 
 def preprocessed_dataset(data, preprocessor, image_rank=4):
