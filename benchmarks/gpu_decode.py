@@ -22,6 +22,7 @@ N2 new tokens with no stop token, after a warm-up call of each shape.
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -34,7 +35,10 @@ from keras_paligemma2 import PaliGemma2Backbone  # noqa: E402
 from keras_paligemma2 import PaliGemma2CausalLM  # noqa: E402
 from keras_paligemma2.presets import preset_config  # noqa: E402
 
-PROMPT = 16
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate import PROMPT  # noqa: E402
+from generate import inputs  # noqa: E402
+from generate import timed  # noqa: E402
 # The shared CPU benchmark config, for a quick check of this script.
 TINY = dict(
     vit_num_layers=4, vit_hidden_dim=192, vit_num_heads=4, vit_intermediate_dim=768,
@@ -54,30 +58,6 @@ def measured_bandwidth(gib=2):
         double(x).block_until_ready()
         times.append(time.perf_counter() - start)
     return 2 * x.nbytes / statistics.median(times)
-
-
-def inputs(batch, length, rng):
-    token_ids = np.zeros((batch, length), "int32")
-    token_ids[:, :PROMPT] = rng.integers(3, 250_000, (batch, PROMPT))
-    token_ids[:, 0] = 2
-    padding_mask = np.zeros((batch, length), "int32")
-    padding_mask[:, :PROMPT] = 1
-    images = rng.uniform(-1, 1, (batch, 224, 224, 3)).astype("float32")
-    return {"images": images, "token_ids": token_ids, "padding_mask": padding_mask}
-
-
-def timed(run, repeats):
-    """(median warm seconds, compile seconds = first call - warm)."""
-    start = time.perf_counter()
-    run()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    warm = statistics.median(times)
-    return warm, first - warm
 
 
 def decode_bytes(config, batch, cache_len, itemsize=2):
