@@ -47,6 +47,16 @@ TINY = dict(
 )  # fmt: skip
 
 
+def benchmark_config(preset, tiny):
+    """The preset's backbone config (or the tiny CPU one); prints the device."""
+    config = preset_config(preset)
+    if tiny:
+        config.update(TINY)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
+    return config, device
+
+
 def measured_bandwidth(gib=2):
     """Bytes read + written per second by a large on-device elementwise op."""
     x = jnp.ones((gib * 2**30 // 2,), jnp.bfloat16)
@@ -125,11 +135,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peer", action="store_true", help="also time keras-hub")
     args = parser.parse_args()
-    config = preset_config(args.preset)
-    if args.tiny:
-        config.update(TINY)
-    device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
+    config, _ = benchmark_config(args.preset, args.tiny)
     bandwidth = measured_bandwidth(1 if args.tiny else 2)
     print(f"measured bandwidth: {bandwidth / 1e12:.3f} TB/s (read + write)", flush=True)
 

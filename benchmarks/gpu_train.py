@@ -21,24 +21,21 @@ printed beside it for comparison.
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_paligemma2 import PaliGemma2Backbone  # noqa: E402
 from keras_paligemma2 import PaliGemma2CausalLM  # noqa: E402
-from keras_paligemma2.presets import preset_config  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_decode import benchmark_config  # noqa: E402
 
 PROMPT, RESPONSE = 32, 32
-TINY = dict(
-    vit_num_layers=4, vit_hidden_dim=192, vit_num_heads=4, vit_intermediate_dim=768,
-    num_layers=4, hidden_dim=256, num_query_heads=4, num_key_value_heads=2,
-    head_dim=64, intermediate_dim=1024, query_pre_attn_scalar=64,
-)  # fmt: skip
 
 
 def step_flops(config):
@@ -69,11 +66,7 @@ def main():
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     args = parser.parse_args()
-    config = preset_config(args.preset)
-    if args.tiny:
-        config.update(TINY)
-    device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
+    config, device = benchmark_config(args.preset, args.tiny)
     start = time.perf_counter()
     lm = PaliGemma2CausalLM(PaliGemma2Backbone(**config, dtype="bfloat16"))
     lm.enable_lora(args.rank)

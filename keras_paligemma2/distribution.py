@@ -285,7 +285,7 @@ def _block_bytes(tokens, width, mlp, heads, head_dim, keys, model, itemsize):
 
 def _activations(config, mode, batch, text, model, itemsize, remat):
     patches = (config["image_size"] // config["patch_size"]) ** 2 * config.get("num_images", 1)
-    seq = patches + (text if mode != "inference" else text)
+    seq = patches + text
     d, layers = config["hidden_dim"], config["num_layers"]
     decoder = _block_bytes(
         batch * seq, d, config["intermediate_dim"], config["num_query_heads"], config["head_dim"], seq, model, itemsize
