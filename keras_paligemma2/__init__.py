@@ -19,6 +19,8 @@ if keras.config.backend() != "jax":
         "~/.keras/keras.json), then restart Python."
     )
 
+from keras_paligemma2.attention import attention_implementation  # noqa: E402
+from keras_paligemma2.attention import set_attention_implementation  # noqa: E402
 from keras_paligemma2.backbone import PaliGemma2Backbone  # noqa: E402
 from keras_paligemma2.causal_lm import PaliGemma2CausalLM  # noqa: E402
 from keras_paligemma2.checkpoints.common import CheckpointError  # noqa: E402
@@ -44,7 +46,9 @@ __all__ = [
     "MaskDecoder",
     "ResponseCrossEntropy",
     "TrainingCheckpoint",
+    "attention_implementation",
     "big_vision_optimizer",
     "list_presets",
     "parse_detections",
+    "set_attention_implementation",
 ]

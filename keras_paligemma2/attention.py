@@ -1,4 +1,5 @@
-"""The one attention function, RoPE and the one attention-mask builder.
+"""Attention (one exact computation, with fused paths), RoPE and the one
+attention-mask builder.
 
 Einsum axis letters, used across the package:
   B batch, T query length, S key/value length, N query heads, K kv heads,
@@ -9,7 +10,20 @@ goes through `dot_product_attention`: grouped-query attention reads each kv
 head once for its G query heads (no K/V copy per query head), logits and the
 soft-cap are computed in float32, and masked positions get a large negative
 logit before the softmax, as big_vision's `gemma.py` does.
+
+Which computation runs is chosen by `set_attention_implementation` (or the
+`attention_implementation` context manager):
+  "xla" (the default): `reference_attention`, the exact computation above.
+  "pallas": `flash_attention.flash_attention`, a fused Pallas kernel that
+      keeps the soft-cap and the per-example mask (interpret mode on CPU).
+  "auto": the exact computation, except attention without mask and without
+      soft-cap (the ViT's) on GPU, which goes to `jax.nn.dot_product_attention`
+      so that cuDNN's fused kernel runs where it supports the shapes. No fused
+      kernel that JAX ships applies a logit soft-cap, so soft-capped attention
+      never goes there.
 """
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +34,48 @@ from keras import ops
 _MASKED_LOGIT = -2.3819763e38
 
 
+IMPLEMENTATIONS = ("xla", "pallas", "auto")
+_implementation = "xla"
+
+
+def set_attention_implementation(name):
+    """Chooses how `dot_product_attention` computes: "xla", "pallas" or "auto"."""
+    global _implementation
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"Unknown attention implementation {name!r}; choose one of {IMPLEMENTATIONS}.")
+    _implementation = name
+
+
+def get_attention_implementation():
+    return _implementation
+
+
+@contextlib.contextmanager
+def attention_implementation(name):
+    """`with attention_implementation("pallas"): ...` (restored on exit).
+
+    The choice is read when a function is traced: re-trace (a new model call,
+    or `jax.jit` of a new function) inside the block for it to apply.
+    """
+    previous = _implementation
+    set_attention_implementation(name)
+    try:
+        yield
+    finally:
+        set_attention_implementation(previous)
+
+
+def choose_implementation(name, has_mask, soft_cap, platform):
+    """The computation `dot_product_attention` runs: "xla", "pallas" or
+    "jax_nn" (`jax.nn.dot_product_attention`, only ever without mask and
+    without soft-cap)."""
+    if name == "auto":
+        return "jax_nn" if platform == "gpu" and not has_mask and not soft_cap else "xla"
+    return name
+
+
 def dot_product_attention(query, key, value, mask=None, *, soft_cap=None):
-    """Attention over pre-scaled queries.
+    """Attention over pre-scaled queries, by the chosen implementation.
 
     Args:
         query: (B, T, N, H), already multiplied by the query scale.
@@ -34,13 +88,29 @@ def dot_product_attention(query, key, value, mask=None, *, soft_cap=None):
     Returns:
         (B, T, N, H) in the dtype of `value`.
     """
-    batch, query_len, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
-    if num_heads % num_kv_heads:
+    _check_groups(query, key)
+    chosen = choose_implementation(_implementation, mask is not None, soft_cap, jax.default_backend())
+    if chosen == "pallas":
+        from keras_paligemma2.flash_attention import flash_attention
+
+        return flash_attention(query, key, value, mask, soft_cap)
+    if chosen == "jax_nn":
+        return jax.nn.dot_product_attention(query, key, value, scale=1.0).astype(value.dtype)
+    return reference_attention(query, key, value, mask, soft_cap=soft_cap)
+
+
+def _check_groups(query, key):
+    if query.shape[2] % key.shape[2]:
         raise ValueError(
-            f"{num_heads} query heads cannot be grouped over {num_kv_heads} "
+            f"{query.shape[2]} query heads cannot be grouped over {key.shape[2]} "
             "key/value heads: the query head count must be a multiple."
         )
+
+
+def reference_attention(query, key, value, mask=None, *, soft_cap=None):
+    """The exact attention (arguments as `dot_product_attention`)."""
+    batch, query_len, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
     groups = num_heads // num_kv_heads
     query = query.reshape(batch, query_len, num_kv_heads, groups, head_dim)
     logits = jnp.einsum(

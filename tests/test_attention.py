@@ -4,11 +4,17 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
+from keras_paligemma2.attention import IMPLEMENTATIONS
 from keras_paligemma2.attention import apply_rope
+from keras_paligemma2.attention import attention_implementation
+from keras_paligemma2.attention import choose_implementation
 from keras_paligemma2.attention import dot_product_attention
 from keras_paligemma2.attention import make_attention_mask
 
 rng = np.random.default_rng(0)
+
+# "pallas" runs the fused kernel in Pallas interpret mode on CPU.
+with_each_implementation = pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 
 
 def _ragged_layout():
@@ -18,45 +24,124 @@ def _ragged_layout():
     return valid, mask_ar
 
 
+@with_each_implementation
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
 @pytest.mark.parametrize("soft_cap", [None, 5.0])
-def test_attention_matches_reference(num_kv_heads, soft_cap):
+def test_attention_matches_reference(num_kv_heads, soft_cap, implementation):
     valid, mask_ar = _ragged_layout()
     mask = ref.prefix_lm_mask(valid, mask_ar)
     q = rng.normal(size=(2, 8, 4, 6)).astype("float32") * 3
     k = rng.normal(size=(2, 8, num_kv_heads, 6)).astype("float32")
     v = rng.normal(size=(2, 8, num_kv_heads, 6)).astype("float32")
-    got = np.asarray(dot_product_attention(q, k, v, mask, soft_cap=soft_cap))
+    with attention_implementation(implementation):
+        got = np.asarray(dot_product_attention(q, k, v, mask, soft_cap=soft_cap))
     want = ref.attention(q, k, v, mask, soft_cap)
     real = valid.astype(bool)  # Padded query rows are garbage by design.
     np.testing.assert_allclose(got[real], want[real], atol=1e-5)
 
 
-def test_soft_cap_changes_result():
+@with_each_implementation
+@pytest.mark.parametrize("masked", [False, True])
+def test_no_implementation_drops_the_soft_cap(implementation, masked):
     q = rng.normal(size=(1, 4, 2, 8)).astype("float32") * 10
     k = rng.normal(size=(1, 4, 2, 8)).astype("float32")
     v = rng.normal(size=(1, 4, 2, 8)).astype("float32")
-    capped = np.asarray(dot_product_attention(q, k, v, soft_cap=2.0))
-    uncapped = np.asarray(dot_product_attention(q, k, v))
+    mask = np.tril(np.ones((1, 4, 4), bool)) if masked else None
+    with attention_implementation(implementation):
+        capped = np.asarray(dot_product_attention(q, k, v, mask, soft_cap=2.0))
+        uncapped = np.asarray(dot_product_attention(q, k, v, mask))
     assert np.abs(capped - uncapped).max() > 1e-2
+    np.testing.assert_allclose(capped, ref.attention(q, k, v, mask, 2.0), atol=1e-5)
 
 
-def test_attention_bfloat16_inputs_keep_float32_logits():
+@pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_soft_capped_or_masked_attention_never_goes_to_a_kernel_without_them(platform, masked):
+    # jax.nn.dot_product_attention (cuDNN) has no soft-cap: only attention
+    # with neither soft-cap nor mask (the ViT's) may be sent there.
+    for name in IMPLEMENTATIONS:
+        assert choose_implementation(name, masked, 50.0, platform) != "jax_nn"
+    plain = choose_implementation("auto", masked, None, platform)
+    assert plain == ("jax_nn" if platform == "gpu" and not masked else "xla")
+
+
+def test_auto_on_gpu_sends_plain_attention_to_jax_nn_exactly(monkeypatch):
+    import jax
+
+    calls = []
+    original = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    q = rng.normal(size=(2, 6, 4, 8)).astype("float32") * 3
+    k = rng.normal(size=(2, 6, 2, 8)).astype("float32")
+    with attention_implementation("auto"):
+        plain = np.asarray(dot_product_attention(q, k, k))
+        capped = np.asarray(dot_product_attention(q, k, k, soft_cap=5.0))
+    assert len(calls) == 1
+    np.testing.assert_allclose(plain, ref.attention(q, k, k), atol=1e-5)
+    np.testing.assert_allclose(capped, ref.attention(q, k, k, soft_cap=5.0), atol=1e-5)
+
+
+def test_unknown_implementation_is_refused():
+    with pytest.raises(ValueError, match="choose one of"):
+        with attention_implementation("flash"):
+            pass
+
+
+@pytest.mark.parametrize("soft_cap", [None, 50.0])
+def test_pallas_kernel_over_many_tiles_and_its_gradients(soft_cap):
+    import jax
+
+    from keras_paligemma2.flash_attention import flash_attention
+
+    # Lengths that fill no tile exactly; two rows of different prefix
+    # lengths and padding, so every tile sees a different mask.
+    valid = np.ones((2, 37), int)
+    valid[1, 30:] = 0
+    mask_ar = np.zeros((2, 37), int)
+    mask_ar[0, 20:] = 1
+    mask_ar[1, 25:30] = 1
+    mask = ref.prefix_lm_mask(valid, mask_ar)
+    q = rng.normal(size=(2, 37, 4, 16)).astype("float32") * 4
+    k = rng.normal(size=(2, 37, 2, 16)).astype("float32")
+    v = rng.normal(size=(2, 37, 2, 16)).astype("float32")
+    got = np.asarray(flash_attention(q, k, v, mask, soft_cap, 16, 8))
+    np.testing.assert_allclose(got, ref.attention(q, k, v, mask, soft_cap), atol=1e-5)
+
+    def loss(attend):
+        return lambda q, k, v: (attend(q, k, v) * v.sum()).sum()
+
+    fused = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, mask, soft_cap, 16, 8)), (0, 1, 2))(q, k, v)
+    with attention_implementation("xla"):
+        exact = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, mask, soft_cap=soft_cap)), (0, 1, 2))(
+            q, k, v
+        )
+    for a, b in zip(fused, exact):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@with_each_implementation
+def test_attention_bfloat16_inputs_keep_float32_logits(implementation):
     q = rng.normal(size=(1, 5, 4, 8)).astype("float32") * 4
     k = rng.normal(size=(1, 5, 2, 8)).astype("float32")
     v = rng.normal(size=(1, 5, 2, 8)).astype("float32")
     bf16 = [np.asarray(x).astype("bfloat16") for x in (q, k, v)]
-    got = dot_product_attention(*bf16, soft_cap=50.0)
+    with attention_implementation(implementation):
+        got = dot_product_attention(*bf16, soft_cap=50.0)
     assert str(got.dtype) == "bfloat16"
     want = ref.attention(*[x.astype("float32") for x in bf16], soft_cap=50.0)
     np.testing.assert_allclose(np.asarray(got, "float32"), want, atol=3e-2)
 
 
-def test_fully_masked_rows_stay_finite():
+@with_each_implementation
+def test_fully_masked_rows_stay_finite(implementation):
     q = rng.normal(size=(1, 3, 2, 4)).astype("float32")
     mask = np.zeros((1, 3, 3), bool)
-    out = np.asarray(dot_product_attention(q, q, q, mask))
+    with attention_implementation(implementation):
+        out = np.asarray(dot_product_attention(q, q, q, mask))
     assert np.isfinite(out).all()
+    # As big_vision: a row that sees nothing averages every value.
+    np.testing.assert_allclose(out, np.broadcast_to(q.mean(1, keepdims=True), q.shape), atol=1e-6)
 
 
 def test_rope_matches_reference():
