@@ -291,7 +291,7 @@ def load_model(cls, config, rules, tensors, source_name, ignored=(), progress=No
     except OSError as error:
         raise _unreadable(source_name, error) from error
     finally:
-        _forget_pending_initialization(model.variables)
+        forget_pending_initialization(model.variables)
     return model
 
 
@@ -429,7 +429,7 @@ def _maps_file(array):
     return False
 
 
-def _forget_pending_initialization(model_variables):
+def forget_pending_initialization(model_variables):
     """Drops these variables from Keras' list of variables to initialize.
 
     `StatelessScope(initialize_variables=False)` leaves them on that list;
