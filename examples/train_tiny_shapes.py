@@ -9,11 +9,14 @@ held-out accuracy.
 
 Two stages, as PaliGemma itself (whose SigLIP encoder is trained before the
 language model sees it): first the ViT alone learns to label every patch
-with the shape and colour covering it (`--vision-steps`), then the whole
-model trains on the four tasks. Dense labels matter: trained only through
-the language model, or on one label per image, this ViT took tens of
-thousands of images before telling a circle from a square; with a label per
-patch it does within a few thousand.
+with the shape and colour covering it and that object's box edges
+(`--vision-steps`), then the whole model trains on the four tasks. Dense
+labels matter: trained only through the language model, or on one label per
+image, this ViT took tens of thousands of images before telling a circle
+from a square; with a label per patch it does within a few thousand. The box
+edges matter for detection: without them the language model had learned no
+location at all after 48,000 examples (location tokens 1% exact, median
+error 280 of 1,024 bins).
 
 Reproducible: the tokenizer, the initial weights and every batch come from
 `--seed` (batch i of epoch e is drawn from (seed, e, i) alone). The state is
@@ -65,6 +68,8 @@ CONFIG = dict(
     final_logit_soft_cap=30.0,
 )
 SEQUENCE_LENGTH = 32
+# Stage 1 box edges are classified into this many bins across the image.
+EDGE_BINS = 64
 
 
 class ShapesBatches(keras.utils.PyDataset):
@@ -87,8 +92,10 @@ class ShapesBatches(keras.utils.PyDataset):
 
 
 class PatchLabels(keras.utils.PyDataset):
-    """Images and, per patch, 0 (background) or 1 + 4 x shape + colour of
-    the object whose box holds the patch centre; batch i from (seed, -1, i)."""
+    """Images and, per patch, the `kind` of the object whose box holds the
+    patch centre (0 background, else 1 + 4 x shape + colour) and that box's
+    `edges` (top, left, bottom, right) in `EDGE_BINS` bins, weighted only on
+    object patches; batch i drawn from (seed, -1, i)."""
 
     def __init__(self, converter, batch_size, steps, seed):
         super().__init__()
@@ -105,19 +112,28 @@ class PatchLabels(keras.utils.PyDataset):
         grid = CONFIG["image_size"] // CONFIG["patch_size"]
         cell = shapes.SIZE / grid
         centres = (np.arange(grid) + 0.5) * cell
-        images, labels = [], []
+        images, kinds, edges = [], [], []
         for _ in range(self.batch_size):
             image, objects = shapes.draw_scene(rng)
-            label = np.zeros((grid, grid), "int32")
+            kind = np.zeros((grid, grid), "int32")
+            edge = np.zeros((grid, grid, 4), "int32")
             for obj in objects:
                 top, left, bottom, right = obj["box"]
                 rows = (centres >= top) & (centres < bottom)
                 cols = (centres >= left) & (centres < right)
-                kind = 1 + 4 * shapes.SHAPES.index(obj["shape"]) + list(shapes.COLOURS).index(obj["colour"])
-                label[np.ix_(rows, cols)] = kind
+                inside = np.ix_(rows, cols)
+                kind[inside] = 1 + 4 * shapes.SHAPES.index(obj["shape"]) + list(shapes.COLOURS).index(obj["colour"])
+                edge[inside] = np.minimum(np.array(obj["box"]) * EDGE_BINS // shapes.SIZE, EDGE_BINS - 1)
             images.append(image)
-            labels.append(label.reshape(-1))
-        return self.converter.convert(images).astype("float32"), np.stack(labels)
+            kinds.append(kind.reshape(-1))
+            edges.append(edge.reshape(-1, 4))
+        kinds, edges = np.stack(kinds), np.stack(edges)
+        on_objects = (kinds > 0).astype("float32")
+        return (
+            self.converter.convert(images).astype("float32"),
+            {"kind": kinds, "edges": edges},
+            {"kind": np.ones_like(on_objects), "edges": on_objects[..., None].repeat(4, -1)},
+        )
 
 
 def pretrain_vision(lm, work, steps, batch_size, seed, learning_rate):
@@ -130,26 +146,39 @@ def pretrain_vision(lm, work, steps, batch_size, seed, learning_rate):
         return
     size = CONFIG["image_size"]
     images = keras.Input((size, size, 3))
+    features = encoder(images)
     classes = 1 + len(shapes.SHAPES) * len(shapes.COLOURS)
-    model = keras.Model(images, keras.layers.Dense(classes)(encoder(images)))
+    grid = size // CONFIG["patch_size"]
+    outputs = {
+        "kind": keras.layers.Dense(classes, name="kind")(features),
+        "edges": keras.layers.Reshape((grid * grid, 4, EDGE_BINS), name="edges")(
+            keras.layers.Dense(4 * EDGE_BINS)(features)
+        ),
+    }
+    model = keras.Model(images, outputs)
     schedule = keras.optimizers.schedules.CosineDecay(0.0, steps, warmup_target=learning_rate, warmup_steps=steps // 20)
     model.compile(
         keras.optimizers.Adam(schedule, global_clipnorm=1.0),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+        {
+            "kind": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            # Averaged over object patches only, not diluted by background.
+            "edges": keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction="mean_with_sample_weight"
+            ),
+        },
     )
     start = time.time()
-    model.fit(
-        PatchLabels(lm.preprocessor.image_converter, batch_size, steps, seed), epochs=1, verbose=2
-    )
-    test_images, test_labels = PatchLabels(lm.preprocessor.image_converter, 500, 1, seed + 1)[0]
-    predicted = model.predict(test_images, verbose=0).argmax(-1)
-    on_objects = test_labels > 0
+    model.fit(PatchLabels(lm.preprocessor.image_converter, batch_size, steps, seed), epochs=1, verbose=2)
+    test_images, test_labels, _ = PatchLabels(lm.preprocessor.image_converter, 500, 1, seed + 1)[0]
+    predicted = {name: logits.argmax(-1) for name, logits in model.predict(test_images, verbose=0).items()}
+    on_objects = test_labels["kind"] > 0
     shape_of = lambda k: (k - 1) // len(shapes.COLOURS)  # noqa: E731
-    accuracy = (shape_of(predicted[on_objects]) == shape_of(test_labels[on_objects])).mean()
+    shape_accuracy = (shape_of(predicted["kind"][on_objects]) == shape_of(test_labels["kind"][on_objects])).mean()
+    edge_error = np.abs(predicted["edges"] - test_labels["edges"])[on_objects]
     print(
-        f"stage 1: {steps} steps in {time.time() - start:.0f} s; held-out shape accuracy on object "
-        f"patches {accuracy:.1%}",
+        f"stage 1: {steps} steps in {time.time() - start:.0f} s; held-out on object patches: shape accuracy "
+        f"{shape_accuracy:.1%}, box edges within one bin of {shapes.SIZE // EDGE_BINS} px "
+        f"{(edge_error <= 1).mean():.1%}",
         flush=True,
     )
     write_state(path, encoder.weights)
