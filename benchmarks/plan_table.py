@@ -21,7 +21,7 @@ MACHINES += [(f"{n} x 80 GB GPU", n, 80) for n in (1, 2, 4, 8)]
 
 def cell(model, mode, devices, gib):
     budget = 0.9 * gib * 2**30
-    plans = [dist.plan(model, shape, mode, 8, 64) for shape in dist._meshes(devices, 8)]
+    plans = [dist.plan(model, shape, mode, 8, 64) for shape in dist.meshes(devices, 8)]
     for p in plans:
         if p.total <= budget:
             return f"{p.total / 2**30:.1f} ({p.mesh_shape[0]}x{p.mesh_shape[1]})"

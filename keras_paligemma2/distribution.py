@@ -335,7 +335,7 @@ def auto_distribution(
                 f"JAX does not report the memory of {first.platform} devices; pass device_memory=bytes."
             )
     budget = headroom * device_memory
-    shapes = _meshes(len(devices), batch_size)
+    shapes = meshes(len(devices), batch_size)
     plans = [plan(config, shape, mode, batch_size, sequence_length, dtype, **plan_kwargs) for shape in shapes]
     for candidate in plans:
         if candidate.total <= budget:
@@ -348,7 +348,7 @@ def auto_distribution(
         more = len(devices) * count
         if any(
             plan(config, s, mode, batch_size, sequence_length, dtype, **plan_kwargs).total <= budget
-            for s in _meshes(more, batch_size)
+            for s in meshes(more, batch_size)
         ):
             hints.append(f"{more} such devices")
             break
@@ -365,7 +365,7 @@ def auto_distribution(
     )
 
 
-def _meshes(count, batch_size):
+def meshes(count, batch_size):
     """(data, model) shapes using `count` devices, most data-parallel first;
     the data axis must divide the batch."""
     return [

@@ -19,6 +19,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from keras_paligemma2.evaluation import box_iou  # noqa: F401 (part of this module's API)
+from keras_paligemma2.evaluation import match_boxes
 from keras_paligemma2.task_outputs import format_detections
 from keras_paligemma2.task_outputs import parse_detections
 
@@ -126,14 +128,6 @@ def training_examples(count, seed, task_weights=None):
     return {"images": np.stack(images), "prompts": prompts, "responses": responses, "tasks": tasks}
 
 
-def box_iou(a, b):
-    top, left = max(a[0], b[0]), max(a[1], b[1])
-    bottom, right = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(bottom - top, 0) * max(right - left, 0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def evaluate(lm, count=300, seed=10_000, batch_size=64, max_new_tokens=24):
     """Held-out accuracy of `lm` on `count` fresh scenes (every question).
 
@@ -161,16 +155,11 @@ def evaluate(lm, count=300, seed=10_000, batch_size=64, max_new_tokens=24):
             hits[task].append(reply.strip() == response)
             continue
         shape = prompt.split(" ", 1)[1]
-        want = [o["box"] for o in objects if o["shape"] == shape]
-        got = [o["box"] for o in parse_detections(reply, (SIZE, SIZE)) if o["label"] == shape]
-        predicted += len(parse_detections(reply, (SIZE, SIZE)))
+        want = [{"box": o["box"], "label": shape} for o in objects if o["shape"] == shape]
+        got = parse_detections(reply, (SIZE, SIZE))
+        predicted += len(got)
         true += len(want)
-        free = list(want)
-        for box in got:
-            best = max(free, key=lambda w: box_iou(box, w), default=None)
-            if best is not None and box_iou(box, best) >= 0.5:
-                matched += 1
-                free.remove(best)
+        matched += match_boxes(got, want)
     result = {k: float(np.mean(v)) if v else 0.0 for k, v in hits.items()}
     result["detection_recall"] = matched / true if true else 1.0
     result["detection_precision"] = matched / predicted if predicted else 1.0

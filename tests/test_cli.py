@@ -1,9 +1,13 @@
 """`python -m keras_paligemma2 convert`, end to end."""
 
+import json
+import pathlib
 import subprocess
 import sys
 
 import numpy as np
+import PIL.Image
+import pytest
 
 from keras_paligemma2 import PaliGemma2CausalLM
 from keras_paligemma2.checkpoints.common import read_npz_lazily
@@ -48,3 +52,121 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert "error: Unknown preset 'pg2_3b_22'" in result.stderr
     assert "Did you mean 'pg2_3b_224'" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+# --- generate, finetune, evaluate, plan on a small task preset ---------------
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    """A tiny task preset (random weights, the shapes tokenizer) and a JSONL
+    data set of 8 drawn scenes in big_vision's colab format."""
+    import PIL.Image
+
+    from conftest import TINY_CONFIG
+    from keras_paligemma2 import PaliGemma2Backbone
+    from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
+    from keras_paligemma2 import PaliGemma2ImageConverter
+    from keras_paligemma2 import PaliGemma2Tokenizer
+    from keras_paligemma2 import shapes
+    from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = PaliGemma2Tokenizer(train_tiny_sentencepiece(shapes.VOCABULARY_TEXTS))
+    config = {**TINY_CONFIG, "vocabulary_size": tokenizer.vocabulary_size()}
+    preprocessor = PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28), sequence_length=32)
+    PaliGemma2CausalLM(PaliGemma2Backbone(**config), preprocessor).save_to_preset(str(root / "preset"))
+    examples = shapes.training_examples(8, seed=3, task_weights={"detect": 0})
+    (root / "img").mkdir()
+    with open(root / "train.jsonl", "w") as f:
+        for i, (image, prompt, response) in enumerate(zip(examples["images"], examples["prompts"], examples["responses"])):
+            PIL.Image.fromarray(image).save(root / "img" / f"{i}.png")
+            f.write(json.dumps({"image": f"img/{i}.png", "prefix": prompt, "suffix": response}) + "\n")
+    return root
+
+
+def test_generate_prints_and_writes_json_for_each_image(shapes_data, capsys):
+    image = str(shapes_data / "img" / "0.png")
+    args = ["generate", "--preset", str(shapes_data / "preset"), "--image", image, "--image", image,
+            "--prompt", "caption en", "--max-new-tokens", "3", "--json"]
+    assert main(args) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["prompt"] for r in results] == ["caption en"] * 2
+    assert results[0]["answer"] == results[1]["answer"] and isinstance(results[0]["answer"], str)
+
+
+def test_generate_parses_and_draws_detections(shapes_data, tmp_path, capsys, monkeypatch):
+    # The random model cannot detect: give it a known answer to check the
+    # parsing into pixel boxes and the annotated picture.
+    answer = "<loc0256><loc0512><loc0768><loc1023> circle"
+    monkeypatch.setattr(PaliGemma2CausalLM, "generate", lambda self, inputs, **kw: [answer] * len(inputs["prompts"]))
+    image = str(pathlib.Path(__file__).parents[1] / "examples" / "data" / "shapes.png")
+    args = ["generate", "--preset", str(shapes_data / "preset"), "--image", image, "--prompt", "detect circle",
+            "--annotate-dir", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "detect circle -> " + answer in out
+    assert "circle: box (y_min, x_min, y_max, x_max) (56.1, 112.1, 168.2, 224.0)" in out
+    picture = np.asarray(PIL.Image.open(tmp_path / "shapes_annotated.png").convert("RGB"))
+    original = np.asarray(PIL.Image.open(image).convert("RGB"))
+    changed = np.argwhere((picture != original).any(-1))
+    # The box outline and its label just above it, nowhere else.
+    assert changed[:, 0].min() >= 40 and changed[:, 0].max() <= 170 and changed[:, 1].min() >= 110
+
+
+def test_generate_refuses_bad_input_in_one_line(shapes_data, tmp_path, capsys):
+    preset = str(shapes_data / "preset")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert main(["generate", "--preset", preset, "--image", str(text), "--prompt", "caption en"]) == 2
+    assert "Cannot read image 0" in capsys.readouterr().err
+    image = str(shapes_data / "img" / "0.png")
+    args = ["generate", "--preset", preset, "--image", image, "--prompt", "a", "--prompt", "b"]
+    assert main(args) == 2
+    assert "one --prompt for all images or one per image" in capsys.readouterr().err
+
+
+def test_finetune_lora_then_generate_and_evaluate_with_the_adapters(shapes_data, tmp_path, capsys):
+    preset, data = str(shapes_data / "preset"), str(shapes_data / "train.jsonl")
+    out = tmp_path / "adapters"
+    args = ["finetune", "--preset", preset, "--data", data, "--output", str(out), "--lora-rank", "2",
+            "--epochs", "2", "--batch-size", "4", "--learning-rate", "1e-2", "--quiet-progress",
+            "--checkpoint-dir", str(tmp_path / "checkpoint")]
+    assert main(args) == 0
+    losses = json.loads((out / "finetune.json").read_text())["losses"]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert (out / "lora.safetensors").is_file()
+    # A rerun resumes from the checkpoint rather than starting over.
+    assert main(args + ["--overwrite"]) == 0
+    assert "Resumed from" in capsys.readouterr().out
+    args = ["evaluate", "--preset", preset, "--lora", str(out), "--data", data, "--metric", "exact_match",
+            "--metric", "anls", "--max-new-tokens", "6", "--json", "--predictions", str(tmp_path / "p.json")]
+    assert main(args) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["examples"] == 8 and 0 <= scores["exact_match"] <= scores["anls"] <= 1
+    assert len(json.loads((tmp_path / "p.json").read_text())) == 8
+
+
+def test_finetune_names_the_bad_jsonl_line_and_writes_nothing(shapes_data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    lines = (shapes_data / "train.jsonl").read_text().splitlines()
+    lines[2] = lines[2].replace('"suffix"', '"answer"')
+    bad.write_text("\n".join(lines))
+    (tmp_path / "img").symlink_to(shapes_data / "img")
+    args = ["finetune", "--preset", str(shapes_data / "preset"), "--data", str(bad), "--output", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert f"{bad} line 3: 'suffix' is missing" in capsys.readouterr().err
+    bad.write_text(lines[0] + "\n{not json\n")
+    assert main(args) == 2
+    assert "line 2: not JSON" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_marks_what_fits_and_says_when_nothing_does(capsys):
+    assert main(["plan", "pg2_10b_224", "--devices", "8", "--device-memory", "16", "--mode", "lora"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "mesh" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["8 x 1", "4 x 2", "2 x 4", "1 x 8"]
+    assert sum("chosen" in r for r in rows) == 1
+    assert main(["plan", "pg2_28b_224", "--mode", "full", "--device-memory", "80"]) == 0
+    assert "Nothing fits" in capsys.readouterr().out
