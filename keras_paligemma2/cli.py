@@ -276,20 +276,16 @@ def _convert(args):
 def _plan(args):
     from keras_paligemma2 import distribution as dist
 
-    config = args.model
-    if os.path.isdir(config):
-        config_file = os.path.join(config, "config.json")
-        if not os.path.isfile(config_file):
-            raise UserError(f"{config!r} holds no config.json: not a Keras preset directory.")
-        with open(config_file) as f:
-            config = json.load(f)["config"]
+    from keras_paligemma2.presets import preset_config
+
+    config = preset_config(args.model)
     meshes = dist.meshes(args.devices, args.batch_size)
     if not meshes:
         raise UserError(f"No (data, model) mesh of {args.devices} devices has a data axis dividing batch {args.batch_size}.")
     budget = args.device_memory * 2**30 * args.headroom if args.device_memory else None
     gib = 2**30
     print(f"{args.mode}, batch {args.batch_size}, {args.sequence_length} text tokens, {args.dtype}"
-          + (f", remat" if args.remat else "") + f"; GiB per device on {args.devices} device(s)")
+          + (", remat" if args.remat else "") + f"; GiB per device on {args.devices} device(s)")
     print("| mesh (data x model) | parameters | gradients | optimizer | activations | KV cache | total |"
           + (" fits |" if budget else ""))
     print("|---" * (7 + bool(budget)) + "|")

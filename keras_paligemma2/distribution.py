@@ -89,7 +89,7 @@ def _size(shape):
 
 
 def _config(config):
-    """A config dict, from a dict or a registered preset name."""
+    """A config dict, from a dict or a registered or shipped preset name, or a preset directory."""
     if isinstance(config, str):
         from keras_paligemma2.presets import preset_config
 

@@ -166,10 +166,21 @@ def list_presets():
 
 
 def preset_config(name):
-    """The backbone config of a registered preset, or a ValueError."""
-    if name not in PRESETS:
+    """The backbone config of a registered or shipped preset name, or of a
+    Keras preset directory; else a ValueError."""
+    import json
+    import os
+
+    if name in PRESETS:
+        return dict(PRESETS[name]["config"])
+    directory = embedded_preset_dir(name) if name in EMBEDDED else name
+    config_file = os.path.join(str(directory or ""), "config.json")
+    if not os.path.isfile(config_file):
         raise ValueError(unknown_preset_message(name))
-    return dict(PRESETS[name]["config"])
+    with open(config_file) as f:
+        config = json.load(f)["config"]
+    # Keras' layer keys, not the architecture's.
+    return {k: v for k, v in config.items() if k not in ("name", "trainable", "dtype")}
 
 
 def unknown_preset_message(name):
