@@ -93,8 +93,13 @@ def _generate(args):
     from keras_paligemma2.task_outputs import parse_detections
 
     images, prompts = args.image, args.prompt
+    if len(images) == 1:
+        images = images * len(prompts)  # Every prompt about the one image.
     if len(prompts) not in (1, len(images)):
-        raise UserError(f"Give one --prompt for all images or one per image; got {len(prompts)} for {len(images)}.")
+        raise UserError(
+            f"Give one --prompt for all images, one per image, or one image for all prompts; got "
+            f"{len(prompts)} prompts for {len(images)} images."
+        )
     prompts = prompts * len(images) if len(prompts) == 1 else prompts
     pixels = [to_rgb_array(path, i) for i, path in enumerate(images)]  # Bad images fail before loading.
     if args.annotate_dir and not os.path.isdir(args.annotate_dir):
@@ -325,7 +330,7 @@ def build_parser():
     generate.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
     generate.add_argument("--prompt", action="append", required=True,
                           help="e.g. 'caption en', 'answer en what is this?', 'detect cat ; dog', 'segment cat', "
-                          "'ocr' (one for all images, or one per image)")
+                          "'ocr' (one for all images, one per image, or several about one image)")
     _add_sampling_arguments(generate)
     generate.add_argument("--batch-size", type=int, default=8, help="examples per generate call (default 8)")
     generate.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -121,9 +121,10 @@ def test_generate_refuses_bad_input_in_one_line(shapes_data, tmp_path, capsys):
     assert main(["generate", "--preset", preset, "--image", str(text), "--prompt", "caption en"]) == 2
     assert "Cannot read image 0" in capsys.readouterr().err
     image = str(shapes_data / "img" / "0.png")
-    args = ["generate", "--preset", preset, "--image", image, "--prompt", "a", "--prompt", "b"]
+    args = ["generate", "--preset", preset, "--image", image, "--image", image, "--prompt", "a", "--prompt", "b",
+            "--prompt", "c"]
     assert main(args) == 2
-    assert "one --prompt for all images or one per image" in capsys.readouterr().err
+    assert "got 3 prompts for 2 images" in capsys.readouterr().err
 
 
 def test_finetune_lora_then_generate_and_evaluate_with_the_adapters(shapes_data, tmp_path, capsys):
