@@ -124,28 +124,36 @@ def _load_keras_preset(cls, preset, load_weights, overrides):
             model = keras_hub.models.Backbone.from_preset.__func__(
                 cls, preset, load_weights=False, **overrides
             )
-        return _fill_from_own_preset(model, preset)
+        return _fill_from_keras_preset(model, preset)
     if class_name != "PaliGemmaBackbone":
         raise CheckpointError(
             f"{preset!r} holds a keras-hub {class_name}, not a PaliGemma "
             "backbone."
         )
-    source = keras_hub.models.PaliGemmaBackbone.from_preset(
-        preset, load_weights=load_weights
-    )
+    if not load_weights:
+        source = keras_hub.models.PaliGemmaBackbone.from_preset(preset, load_weights=False)
+        config = {**keras_hub_preset.infer_config(source.get_config(), preset), **overrides}
+        return cls(**config)
+    # keras-hub's model, filled from its file without random initialization;
+    # each of its tensors is released once converted into ours, so that the
+    # host holds about one model, not two.
+    with keras.StatelessScope(initialize_variables=False):
+        source = keras_hub.models.PaliGemmaBackbone.from_preset(preset, load_weights=False)
+    _fill_from_keras_preset(source, preset)
     config = {
         **keras_hub_preset.infer_config(source.get_config(), preset),
         **overrides,
     }
-    tensors = keras_hub_preset.read_tensors(source) if load_weights else {}
+    tensors = keras_hub_preset.read_tensors(source, keras_hub_preset.rules(config))
     return _build_and_assign(
         cls, config, keras_hub_preset.rules, tensors, preset, load_weights
     )
 
 
-def _fill_from_own_preset(model, preset):
+def _fill_from_keras_preset(model, preset):
     """Fills `model`, built in a `StatelessScope(initialize_variables=False)`,
-    from a preset written by `save_to_preset`; returns it.
+    from the Keras preset directory that describes it (written by our
+    `save_to_preset`, or keras-hub's); returns it.
 
     keras-hub would build the model with random weights, then load the file
     over them: the random initialization alone peaks at twice the model's

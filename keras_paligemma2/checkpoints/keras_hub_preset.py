@@ -12,6 +12,7 @@ Its soft-caps and sliding window are kept (keras-hub applies the final
 soft-cap to every logit); override them in `from_preset` if needed.
 """
 
+import collections
 import numpy as np
 
 from keras_paligemma2 import presets
@@ -107,10 +108,25 @@ def infer_config(keras_hub_config, source_name):
     return config
 
 
-def read_tensors(keras_hub_backbone):
-    """keras-hub's variables by path, as `LazyTensor`s."""
+def read_tensors(keras_hub_backbone, table=None):
+    """keras-hub's variables by path, as `LazyTensor`s.
+
+    With the rule `table` that will read them, each variable's value is
+    dropped after the last rule using it has read it (the keras-hub model is
+    a temporary: this keeps one model's worth of memory, not two).
+    """
+    uses = collections.Counter(rule.source for rule in table or ())
+
+    def read(variable):
+        value = np.asarray(variable)
+        if table is not None:
+            uses[variable.path] -= 1
+            if uses[variable.path] <= 0:
+                variable._value = None
+        return value
+
     return {
-        v.path: LazyTensor(v.shape, v.dtype, lambda v=v: np.asarray(v))
+        v.path: LazyTensor(v.shape, v.dtype, lambda v=v: read(v))
         for v in keras_hub_backbone.weights
     }
 

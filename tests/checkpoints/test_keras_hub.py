@@ -174,3 +174,21 @@ def test_own_preset_loads_without_running_initializers(tiny_config, tmp_path, mo
     initialized.clear()
     PaliGemma2CausalLM.from_preset(tmp_path / "task", load_weights=False)
     assert len(initialized) >= len(weights)
+
+
+def test_keras_hub_preset_converts_without_running_initializers(saved_keras_hub_preset, monkeypatch):
+    from keras.src.backend.jax.core import JaxVariable
+
+    source, path = saved_keras_hub_preset
+    initialized = []
+    original = JaxVariable._initialize_with_initializer
+
+    def record(variable, initializer):
+        initialized.append(variable.path)
+        return original(variable, initializer)
+
+    monkeypatch.setattr(JaxVariable, "_initialize_with_initializer", record)
+    ours = PaliGemma2Backbone.from_preset(path)
+    assert initialized == []  # neither keras-hub's model nor ours drew random weights
+    embedding = np.asarray(ours.token_embedding.embeddings)
+    np.testing.assert_array_equal(embedding, np.asarray(source.token_embedding.embeddings))
