@@ -5,9 +5,9 @@ one example and returns a float in [0, 1]; `METRICS` maps their names to
 them and `score(metric, predictions, answers)` averages over a data set.
 
   exact_match: the prediction, stripped, equals an answer.
-  relaxed_accuracy: ChartQA's: numbers may be off by 5% of the answer,
-      text must match exactly up to case (pix2struct's
-      `relaxed_correctness`).
+  relaxed_accuracy: ChartQA's, as big_vision's ChartQA evaluator computes
+      it: a number ("12.5", "40%") may be off by 5% of a non-zero numeric
+      answer; otherwise the strings must be equal.
   anls: DocVQA's average normalised Levenshtein similarity: 1 - distance /
       longer length, over lower-cased stripped strings, 0 when that
       normalised distance is 0.5 or more; best answer.
@@ -27,11 +27,10 @@ def exact_match(prediction, answers):
 
 
 def _number(text):
-    text = text.strip()
     try:
         if text.endswith("%"):
-            return float(text[:-1].replace(",", "")) / 100.0
-        return float(text.replace(",", ""))
+            return float(text.rstrip("%")) / 100.0
+        return float(text)
     except ValueError:
         return None
 
@@ -39,11 +38,10 @@ def _number(text):
 def relaxed_accuracy(prediction, answers, max_relative_change=0.05):
     def correct(answer):
         want, got = _number(answer), _number(prediction)
-        if want is not None and got is not None:
-            if want == 0:
-                return got == 0
+        # A zero (or non-numeric) answer needs the exact string, as big_vision.
+        if got is not None and want:
             return abs(got - want) / abs(want) <= max_relative_change
-        return prediction.strip().lower() == answer.strip().lower()
+        return prediction == answer
 
     return float(any(correct(a) for a in answers))
 

@@ -16,13 +16,15 @@ def test_exact_match_strips_only_whitespace():
     assert evaluation.exact_match("Cat", ["cat"]) == 0.0
 
 
-def test_relaxed_accuracy_as_chartqa():
+def test_relaxed_accuracy_as_big_vision_chartqa():
     assert evaluation.relaxed_accuracy("10.4", ["10"]) == 1.0  # 4% off
     assert evaluation.relaxed_accuracy("10.6", ["10"]) == 0.0  # 6% off
     assert evaluation.relaxed_accuracy("5%", ["0.05"]) == 1.0
-    assert evaluation.relaxed_accuracy("1,000", ["1000"]) == 1.0
-    assert evaluation.relaxed_accuracy("Yes", ["yes"]) == 1.0
-    assert evaluation.relaxed_accuracy("0", ["0"]) == 1.0 and evaluation.relaxed_accuracy("0.01", ["0"]) == 0.0
+    assert evaluation.relaxed_accuracy("1,000", ["1000"]) == 0.0  # not a number to big_vision
+    assert evaluation.relaxed_accuracy("Yes", ["yes"]) == 0.0 and evaluation.relaxed_accuracy("yes", ["yes"]) == 1.0
+    # A zero answer needs the exact string.
+    assert evaluation.relaxed_accuracy("0", ["0"]) == 1.0
+    assert evaluation.relaxed_accuracy("0.0", ["0"]) == 0.0
 
 
 def test_anls_as_docvqa():
