@@ -28,10 +28,14 @@ class UserError(Exception):
 def _add_model_arguments(parser):
     parser.add_argument("--preset", default="pg2_tiny_shapes", help="preset name, checkpoint or directory "
                         "(default pg2_tiny_shapes, the small model shipped with the package)")
-    parser.add_argument("--from", dest="from_source", choices=["big_vision", "transformers", "keras_hub"],
-                        help="for a registered name: where to download the weights (default big_vision)")
+    _add_source_argument(parser)
     parser.add_argument("--dtype", help="variable dtype, e.g. bfloat16 (default: the checkpoint's)")
     parser.add_argument("--lora", help="directory written by `finetune` with LoRA adapters to apply")
+
+
+def _add_source_argument(parser):
+    parser.add_argument("--from", dest="from_source", choices=["big_vision", "transformers", "keras_hub"],
+                        help="for a registered name: where to download the weights (default big_vision)")
 
 
 def _load(args):
@@ -396,12 +400,7 @@ def build_parser():
     convert.add_argument("source", help="preset name (e.g. pg2_3b_224), file, directory or handle")
     convert.add_argument("destination", help="directory to write the preset to")
     convert.add_argument("--dtype", help="variable dtype, e.g. bfloat16 or float32 (default: float32)")
-    convert.add_argument(
-        "--from",
-        dest="from_source",
-        choices=["big_vision", "transformers", "keras_hub"],
-        help="for a registered name: where to download the weights (default big_vision)",
-    )
+    _add_source_argument(convert)
     convert.add_argument(
         "--max-shard-size", type=float, default=2, help="split weight files above this many GB (default 2)"
     )

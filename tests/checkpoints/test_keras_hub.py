@@ -148,23 +148,30 @@ def test_our_task_preset_round_trips_its_preprocessor(tiny_config, tmp_path):
     np.testing.assert_array_equal(got[0]["token_ids"], want[0]["token_ids"])
 
 
-def test_own_preset_loads_without_running_initializers(tiny_config, tmp_path, monkeypatch):
-    # keras-hub's loader draws random weights and then overwrites them, which
-    # doubles the peak memory of a load; ours fills each variable once.
+@pytest.fixture
+def initialized(monkeypatch):
+    """The paths of the variables given values by their initializers from now on."""
     from keras.src.backend.jax.core import JaxVariable
 
+    paths = []
+    original = JaxVariable._initialize_with_initializer
+
+    def record(variable, initializer):
+        paths.append(variable.path)
+        return original(variable, initializer)
+
+    monkeypatch.setattr(JaxVariable, "_initialize_with_initializer", record)
+    return paths
+
+
+def test_own_preset_loads_without_running_initializers(tiny_config, tmp_path, initialized):
+    # keras-hub's loader draws random weights and then overwrites them, which
+    # doubles the peak memory of a load; ours fills each variable once.
     backbone = PaliGemma2Backbone(**tiny_config)
     for v in backbone.weights:
         v.assign(rng.normal(size=v.shape).astype("float32"))
     PaliGemma2CausalLM(backbone).save_to_preset(str(tmp_path / "task"))
-    initialized = []
-    original = JaxVariable._initialize_with_initializer
-
-    def record(variable, initializer):
-        initialized.append(variable.path)
-        return original(variable, initializer)
-
-    monkeypatch.setattr(JaxVariable, "_initialize_with_initializer", record)
+    initialized.clear()
     restored = PaliGemma2CausalLM.from_preset(tmp_path / "task")
     weights = {v.path for v in restored.backbone.weights}
     assert weights and not weights & set(initialized)
@@ -176,18 +183,9 @@ def test_own_preset_loads_without_running_initializers(tiny_config, tmp_path, mo
     assert len(initialized) >= len(weights)
 
 
-def test_keras_hub_preset_converts_without_running_initializers(saved_keras_hub_preset, monkeypatch):
-    from keras.src.backend.jax.core import JaxVariable
-
+def test_keras_hub_preset_converts_without_running_initializers(saved_keras_hub_preset, initialized):
     source, path = saved_keras_hub_preset
-    initialized = []
-    original = JaxVariable._initialize_with_initializer
-
-    def record(variable, initializer):
-        initialized.append(variable.path)
-        return original(variable, initializer)
-
-    monkeypatch.setattr(JaxVariable, "_initialize_with_initializer", record)
+    initialized.clear()
     ours = PaliGemma2Backbone.from_preset(path)
     assert initialized == []  # neither keras-hub's model nor ours drew random weights
     embedding = np.asarray(ours.token_embedding.embeddings)
