@@ -77,6 +77,8 @@ def _pad_to(x, axis, multiple):
 
 
 def _forward(query, key, value, mask, soft_cap, block_q, block_k, interpret):
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
     batch, query_len, num_heads, head_dim = query.shape
     key_len, num_kv_heads = key.shape[1], key.shape[2]
     groups = num_heads // num_kv_heads
@@ -121,13 +123,11 @@ def flash_attention(query, key, value, mask=None, soft_cap=None, block_q=64, blo
     Returns:
         (B, T, N, H) in the dtype of `value`.
     """
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
     return _forward(query, key, value, mask, soft_cap, block_q, block_k, interpret)
 
 
 def _flash_fwd(query, key, value, mask, soft_cap, block_q, block_k, interpret):
-    out = flash_attention(query, key, value, mask, soft_cap, block_q, block_k, interpret)
+    out = _forward(query, key, value, mask, soft_cap, block_q, block_k, interpret)
     return out, (query, key, value, mask)
 
 
