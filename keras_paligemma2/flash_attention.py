@@ -2,9 +2,10 @@
 
 The fused kernels that JAX ships do not fit PaliGemma 2's decoder:
 `jax.nn.dot_product_attention` (cuDNN) and the Pallas GPU `mha` have no logit
-soft-cap, and the TPU splash kernel takes its mask as a static pattern, not the
-per-example prefix-LM mask (image + prompt bidirectional, response causal,
-padding hidden) that changes with every batch. This kernel computes exactly
+soft-cap, and the TPU splash kernel (which has one) takes its mask as a static
+pattern: its per-example segment ids hide padding but cannot express the
+per-example prefix-LM mask (image + prompt bidirectional, response causal),
+whose boundary moves with every example. This kernel computes exactly
 `attention.dot_product_attention`: float32 logits, `cap * tanh(logits / cap)`,
 big_vision's finite masked logit, softmax, weighted values. It never forms the
 (B, N, T, S) logits: each program owns `block_q` queries of one head and walks
