@@ -44,6 +44,7 @@ from keras_paligemma2 import PaliGemma2Tokenizer  # noqa: E402
 from keras_paligemma2 import TrainingCheckpoint  # noqa: E402
 from keras_paligemma2 import big_vision_optimizer  # noqa: E402
 from keras_paligemma2 import shapes  # noqa: E402
+from keras_paligemma2.saving import atomic_file  # noqa: E402
 from keras_paligemma2.saving import read_state  # noqa: E402
 from keras_paligemma2.saving import write_state  # noqa: E402
 from keras_paligemma2.tokenizer import train_tiny_sentencepiece  # noqa: E402
@@ -215,9 +216,8 @@ def build(work, seed):
     tokenizer_path = os.path.join(work, "tokenizer.model")
     if not os.path.exists(tokenizer_path):
         os.makedirs(work, exist_ok=True)
-        with open(tokenizer_path + ".tmp", "wb") as f:
+        with atomic_file(tokenizer_path) as f:
             f.write(train_tiny_sentencepiece(shapes.VOCABULARY_TEXTS))
-        os.replace(tokenizer_path + ".tmp", tokenizer_path)
     tokenizer = PaliGemma2Tokenizer(proto=tokenizer_path)
     keras.utils.set_random_seed(seed)
     backbone = PaliGemma2Backbone(vocabulary_size=tokenizer.vocabulary_size(), **CONFIG)
@@ -272,7 +272,7 @@ def main():
         scores = shapes.evaluate(lm, count=args.eval_images)
         print(f"held-out accuracy on {args.eval_images} images: {_fmt(scores)}", flush=True)
         lm.save_to_preset(args.export)
-        with open(os.path.join(args.export, "accuracy.json"), "w") as f:
+        with atomic_file(os.path.join(args.export, "accuracy.json"), "w") as f:
             json.dump({"images": args.eval_images, "seed": 10_000, **scores}, f, indent=1)
         print(f"wrote {args.export}", flush=True)
 

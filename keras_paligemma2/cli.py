@@ -82,10 +82,10 @@ def _batches(items, size):
 
 
 def _write_json(path, value):
-    staging = path + ".tmp"
-    with open(staging, "w") as f:
+    from keras_paligemma2.saving import atomic_file
+
+    with atomic_file(path, "w") as f:
         json.dump(value, f, indent=1)
-    os.replace(staging, path)
 
 
 # === generate ===

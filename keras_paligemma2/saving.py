@@ -1,4 +1,4 @@
-"""Writing presets without ever leaving a half-written or lost directory."""
+"""Writing files and presets without ever leaving a half-written or lost one."""
 
 import contextlib
 import os
@@ -8,6 +8,25 @@ import tempfile
 # Weight files above this many GB are split into shards (keras-hub's default
 # is 10 GB, more than some file systems and upload tools take at once).
 DEFAULT_MAX_SHARD_SIZE_GB = 2
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="wb"):
+    """Yields a file object open on a temporary file beside `path`, which
+    replaces `path` (flushed and synced) only if the block succeeds; on any
+    error it is removed and `path` is left as it was."""
+    path = os.path.abspath(os.fspath(path))
+    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(handle, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 @contextlib.contextmanager
@@ -69,21 +88,11 @@ def write_safetensors(path, tensors):
         arrays.append(array)
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keeps the data 8-byte aligned
-    path = os.path.abspath(os.fspath(path))
-    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(len(encoded).to_bytes(8, "little"))
-            f.write(encoded)
-            for array in arrays:
-                f.write(array.reshape(-1).view(np.uint8).data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_file(path) as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for array in arrays:
+            f.write(array.reshape(-1).view(np.uint8).data)
 
 
 def _by_path(variables):

@@ -223,9 +223,6 @@ def draw(image, objects, path=None):
     Returns:
         The annotated `PIL.Image.Image`.
     """
-    import os
-    import tempfile
-
     import PIL.ImageDraw
 
     from keras_paligemma2.image_converter import to_rgb_array
@@ -245,13 +242,8 @@ def draw(image, objects, path=None):
         if obj.get("label"):
             pen.text((x_min + 4, max(y_min - 12, 0)), obj["label"], fill=colour)
     if path is not None:
-        directory = os.path.dirname(os.path.abspath(path))
-        handle, staging = tempfile.mkstemp(suffix=".png", dir=directory)
-        os.close(handle)
-        try:
-            picture.save(staging, format="PNG")
-            os.replace(staging, path)
-        except BaseException:
-            os.remove(staging)
-            raise
+        from keras_paligemma2.saving import atomic_file
+
+        with atomic_file(path) as f:
+            picture.save(f, format="PNG")
     return picture

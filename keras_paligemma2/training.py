@@ -22,6 +22,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_paligemma2.saving import atomic_file
 from keras_paligemma2.saving import read_state
 from keras_paligemma2.saving import write_state
 
@@ -330,10 +331,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             return
         os.makedirs(self.directory, exist_ok=True)
         write_state(self.state_path, self._variables())
-        tmp = self.progress_path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_file(self.progress_path, "w") as f:
             json.dump({"epoch": epoch + 1}, f)
-        os.replace(tmp, self.progress_path)
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
