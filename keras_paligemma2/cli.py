@@ -228,12 +228,19 @@ def _finetune(args):
 
 
 def _evaluate(args):
+    import numpy as np
     import tqdm
 
     from keras_paligemma2 import evaluation
     from keras_paligemma2.jsonl import read_jsonl
 
     data = read_jsonl(args.data, need_suffix=False)
+    mask_decoder = true_masks = None
+    if "mask_miou" in args.metric:
+        true_masks = _true_masks(args, data)
+        from keras_paligemma2.task_outputs import MaskDecoder
+
+        mask_decoder = MaskDecoder.from_checkpoint(args.mask_decoder)
     lm = _load(args)
     items = list(zip(data["images"], data["prompts"]))
     predictions = []
@@ -242,7 +249,12 @@ def _evaluate(args):
             predictions += lm.generate({"images": [c[0] for c in chunk], "prompts": [c[1] for c in chunk]},
                                        **_sampling(args))
             bar.update(len(chunk))
-    results = {m: evaluation.score(m, predictions, data["answers"]) for m in args.metric}
+    results = {
+        m: float(np.mean(evaluation.mask_ious(predictions, true_masks, mask_decoder)))
+        if m == "mask_miou"
+        else evaluation.score(m, predictions, data["answers"])
+        for m in args.metric
+    }
     if args.predictions:
         _write_json(args.predictions, [
             {"image": i, "prefix": p, "prediction": y, "answers": a}
@@ -253,6 +265,34 @@ def _evaluate(args):
     else:
         for metric, value in results.items():
             print(f"{metric}: {value:.4f} on {len(items)} examples")
+
+
+def _true_masks(args, data):
+    """Every line's mask as a boolean array the size of its image, read
+    before the model loads, so a bad line fails fast."""
+    import numpy as np
+    import PIL.Image
+
+    if not args.mask_decoder:
+        raise UserError("--metric mask_miou needs --mask-decoder (big_vision's vae-oid.npz).")
+    masks = []
+    for number, (image, mask) in enumerate(zip(data["images"], data["masks"]), 1):
+        if mask is None:
+            raise UserError(f"{args.data} example {number}: --metric mask_miou needs a 'mask' image on every line.")
+        try:
+            with PIL.Image.open(image) as picture:
+                size = picture.size
+            with PIL.Image.open(mask) as picture:
+                pixels = np.asarray(picture.convert("L")) > 0
+        except (OSError, ValueError) as error:
+            raise UserError(f"{args.data} example {number}: cannot read {error}.") from None
+        if pixels.shape[::-1] != size:
+            raise UserError(
+                f"{args.data} example {number}: mask {mask!r} is {pixels.shape[1]}x{pixels.shape[0]}, "
+                f"its image {size[0]}x{size[1]}; they must be the same size."
+            )
+        masks.append(pixels)
+    return masks
 
 
 # === convert ===
@@ -380,8 +420,12 @@ def build_parser():
     )
     _add_model_arguments(evaluate)
     evaluate.add_argument("--data", required=True, help="JSONL file")
-    evaluate.add_argument("--metric", action="append", choices=["exact_match", "relaxed_accuracy", "anls", "box_iou"],
-                          help="repeat for several (default exact_match)")
+    evaluate.add_argument(
+        "--metric", action="append",
+        choices=["exact_match", "vqa_accuracy", "relaxed_accuracy", "anls", "cider", "box_iou", "mask_miou"],
+        help="repeat for several (default exact_match); mask_miou needs --mask-decoder and a 'mask' image per line",
+    )
+    evaluate.add_argument("--mask-decoder", help="big_vision's vae-oid.npz (for --metric mask_miou)")
     _add_sampling_arguments(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--predictions", help="also write every prediction to this JSON file")

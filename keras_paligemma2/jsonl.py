@@ -21,7 +21,9 @@ def read_jsonl(path, need_suffix=True):
 
     Returns:
         A dict of lists: `images` (absolute paths), `prompts`, `responses`
-        (the suffix, or "" when absent) and `answers` (lists of strings).
+        (the suffix, or "" when absent), `answers` (lists of strings) and
+        `masks` (absolute path of the line's optional "mask" image, whose
+        non-zero pixels are the object, for segmentation scores; else None).
 
     Raises:
         DataError naming the first bad line: not JSON, not an object, a
@@ -31,7 +33,7 @@ def read_jsonl(path, need_suffix=True):
     if not os.path.isfile(path):
         raise DataError(f"No data set file {path!r}.")
     base = os.path.dirname(os.path.abspath(path))
-    data = {"images": [], "prompts": [], "responses": [], "answers": []}
+    data = {"images": [], "prompts": [], "responses": [], "answers": [], "masks": []}
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -54,6 +56,14 @@ def read_jsonl(path, need_suffix=True):
             image = os.path.join(base, example["image"])
             if not os.path.isfile(image):
                 raise DataError(f"{where}: no image file {example['image']!r} (looked in {base}).")
+            mask = example.get("mask")
+            if mask is not None:
+                if not isinstance(mask, str):
+                    raise DataError(f"{where}: 'mask' must be an image file name.")
+                mask = os.path.join(base, mask)
+                if not os.path.isfile(mask):
+                    raise DataError(f"{where}: no mask file {example['mask']!r} (looked in {base}).")
+            data["masks"].append(mask)
             data["images"].append(image)
             data["prompts"].append(example["prefix"])
             data["responses"].append(example.get("suffix", ""))

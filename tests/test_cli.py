@@ -1,4 +1,4 @@
-"""`python -m keras_paligemma2 convert`, end to end."""
+"""`python -m keras_paligemma2` commands, end to end."""
 
 import json
 import pathlib
@@ -57,25 +57,16 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 # --- generate, finetune, evaluate, plan on a small task preset ---------------
 
 
+# Every command runs on the shipped embedded model, as a user's would.
+PRESET = "pg2_tiny_shapes"
+
+
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory):
-    """A tiny task preset (random weights, the shapes tokenizer) and a JSONL
-    data set of 8 drawn scenes in big_vision's colab format."""
-    import PIL.Image
-
-    from conftest import TINY_CONFIG
-    from keras_paligemma2 import PaliGemma2Backbone
-    from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
-    from keras_paligemma2 import PaliGemma2ImageConverter
-    from keras_paligemma2 import PaliGemma2Tokenizer
+    """A JSONL data set of 8 drawn scenes in big_vision's colab format."""
     from keras_paligemma2 import shapes
-    from keras_paligemma2.tokenizer import train_tiny_sentencepiece
 
     root = tmp_path_factory.mktemp("cli")
-    tokenizer = PaliGemma2Tokenizer(train_tiny_sentencepiece(shapes.VOCABULARY_TEXTS))
-    config = {**TINY_CONFIG, "vocabulary_size": tokenizer.vocabulary_size()}
-    preprocessor = PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28), sequence_length=32)
-    PaliGemma2CausalLM(PaliGemma2Backbone(**config), preprocessor).save_to_preset(str(root / "preset"))
     examples = shapes.training_examples(8, seed=3, task_weights={"detect": 0})
     (root / "img").mkdir()
     with open(root / "train.jsonl", "w") as f:
@@ -87,7 +78,7 @@ def shapes_data(tmp_path_factory):
 
 def test_generate_prints_and_writes_json_for_each_image(shapes_data, capsys):
     image = str(shapes_data / "img" / "0.png")
-    args = ["generate", "--preset", str(shapes_data / "preset"), "--image", image, "--image", image,
+    args = ["generate", "--preset", PRESET, "--image", image, "--image", image,
             "--prompt", "caption en", "--max-new-tokens", "3", "--json"]
     assert main(args) == 0
     results = json.loads(capsys.readouterr().out)
@@ -101,7 +92,7 @@ def test_generate_parses_and_draws_detections(shapes_data, tmp_path, capsys, mon
     answer = "<loc0256><loc0512><loc0768><loc1023> circle"
     monkeypatch.setattr(PaliGemma2CausalLM, "generate", lambda self, inputs, **kw: [answer] * len(inputs["prompts"]))
     image = str(pathlib.Path(__file__).parents[1] / "examples" / "data" / "shapes.png")
-    args = ["generate", "--preset", str(shapes_data / "preset"), "--image", image, "--prompt", "detect circle",
+    args = ["generate", "--preset", PRESET, "--image", image, "--prompt", "detect circle",
             "--annotate-dir", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -115,7 +106,7 @@ def test_generate_parses_and_draws_detections(shapes_data, tmp_path, capsys, mon
 
 
 def test_generate_refuses_bad_input_in_one_line(shapes_data, tmp_path, capsys):
-    preset = str(shapes_data / "preset")
+    preset = PRESET
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     assert main(["generate", "--preset", preset, "--image", str(text), "--prompt", "caption en"]) == 2
@@ -128,7 +119,7 @@ def test_generate_refuses_bad_input_in_one_line(shapes_data, tmp_path, capsys):
 
 
 def test_finetune_lora_then_generate_and_evaluate_with_the_adapters(shapes_data, tmp_path, capsys):
-    preset, data = str(shapes_data / "preset"), str(shapes_data / "train.jsonl")
+    preset, data = PRESET, str(shapes_data / "train.jsonl")
     out = tmp_path / "adapters"
     args = ["finetune", "--preset", preset, "--data", data, "--output", str(out), "--lora-rank", "2",
             "--epochs", "2", "--batch-size", "4", "--learning-rate", "1e-2", "--quiet-progress",
@@ -154,7 +145,7 @@ def test_finetune_names_the_bad_jsonl_line_and_writes_nothing(shapes_data, tmp_p
     lines[2] = lines[2].replace('"suffix"', '"answer"')
     bad.write_text("\n".join(lines))
     (tmp_path / "img").symlink_to(shapes_data / "img")
-    args = ["finetune", "--preset", str(shapes_data / "preset"), "--data", str(bad), "--output", str(tmp_path / "o")]
+    args = ["finetune", "--preset", PRESET, "--data", str(bad), "--output", str(tmp_path / "o")]
     assert main(args) == 2
     assert f"{bad} line 3: 'suffix' is missing" in capsys.readouterr().err
     bad.write_text(lines[0] + "\n{not json\n")
@@ -171,3 +162,42 @@ def test_plan_marks_what_fits_and_says_when_nothing_does(capsys):
     assert sum("chosen" in r for r in rows) == 1
     assert main(["plan", "pg2_28b_224", "--mode", "full", "--device-memory", "80"]) == 0
     assert "Nothing fits" in capsys.readouterr().out
+
+
+def test_evaluate_scores_vqa_cider_and_masks_as_the_library(fixtures_dir, shapes_data, tmp_path, capsys, monkeypatch):
+    reference = np.load(fixtures_dir / "segmentation_big_vision_reference.npz")
+    answers = [str(t) for t in reference["texts"]][:3]
+    lines = []
+    for i, answer in enumerate(answers):
+        mask = reference[f"mask_{i}"]
+        PIL.Image.new("RGB", mask.shape[::-1]).save(tmp_path / f"{i}.png")
+        PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / f"{i}_mask.png")
+        lines.append({"image": f"{i}.png", "prefix": "segment thing", "mask": f"{i}_mask.png",
+                      "answers": ["a thing", "the thing", "thing"]})
+    data = tmp_path / "segment.jsonl"
+    data.write_text("\n".join(json.dumps(line) for line in lines))
+    # The embedded model cannot segment: give it big_vision's reference answers.
+    monkeypatch.setattr(PaliGemma2CausalLM, "generate", lambda self, inputs, **kw: answers[: len(inputs["prompts"])])
+    decoder = str(fixtures_dir / "vae_tiny" / "vae.npz")
+    args = ["evaluate", "--preset", PRESET, "--data", str(data), "--metric", "mask_miou", "--metric", "vqa_accuracy",
+            "--metric", "cider", "--mask-decoder", decoder, "--json"]
+    assert main(args) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["mask_miou"] == pytest.approx(reference["ious"][:3].mean())
+    assert scores["vqa_accuracy"] == 0.0 and scores["cider"] == 0.0
+    # Without the decoder, a mask, or with a mask of the wrong size: one line, nothing run.
+    assert main(args[:-3] + ["--json"]) == 2
+    assert "--metric mask_miou needs --mask-decoder" in capsys.readouterr().err
+    del lines[1]["mask"]
+    data.write_text("\n".join(json.dumps(line) for line in lines))
+    assert main(args) == 2
+    assert "example 2: --metric mask_miou needs a 'mask' image on every line" in capsys.readouterr().err
+    lines[1]["mask"] = "0_mask.png"
+    data.write_text("\n".join(json.dumps(line) for line in lines))
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "example 2: mask" in error and "must be the same size" in error
+    lines[1]["mask"] = "missing.png"
+    data.write_text("\n".join(json.dumps(line) for line in lines))
+    assert main(args) == 2
+    assert "line 2: no mask file 'missing.png'" in capsys.readouterr().err

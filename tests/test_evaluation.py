@@ -1,7 +1,11 @@
 """Answer metrics on worked examples."""
 
+import json
+
+import numpy as np
 import pytest
 
+from keras_paligemma2 import MaskDecoder
 from keras_paligemma2 import evaluation
 
 
@@ -46,5 +50,92 @@ def test_box_accuracy_needs_iou_half_and_the_label():
 
 def test_score_averages_and_refuses_unknown_metrics():
     assert evaluation.score("exact_match", ["a", "b"], [["a"], ["c"]]) == 0.5
-    with pytest.raises(ValueError, match="Unknown metric 'cider'"):
-        evaluation.score("cider", ["a"], [["a"]])
+    with pytest.raises(ValueError, match="Unknown metric 'bleu'"):
+        evaluation.score("bleu", ["a"], [["a"]])
+
+
+# The reference files below hold an existing implementation's outputs on the
+# inputs they list: big_vision's VQAv2 evaluator functions
+# (`evaluators/proj/paligemma/transfers/vqav2.py`), pycocoevalcap 1.2 (its
+# Java PTB tokenizer and CIDEr-D scorer, as big_vision's COCO caption
+# evaluator calls them) and big_vision's segmentation evaluator's per-example
+# IoU on the `vae_tiny` decoder's masks.
+
+
+def test_vqa_normalisation_and_accuracy_match_big_vision(fixtures_dir):
+    reference = json.loads((fixtures_dir / "vqa_big_vision_reference.json").read_text())
+    for text, want in reference["normalized"].items():
+        assert evaluation.normalize_vqa_answer(text) == want, text
+    for prediction, answers, want in reference["accuracy"]:
+        assert evaluation.vqa_accuracy(prediction, answers) == pytest.approx(want), (prediction, answers)
+
+
+def test_vqa_accuracy_worked_examples():
+    # Averaged over the ten leave-one-out subsets of min(matches / 3, 1):
+    # four agreeing annotators make an answer fully right, three 0.9
+    # (7 x 1 + 3 x 2/3), two 0.6 (8 x 2/3 + 2 x 1/3).
+    assert evaluation.vqa_accuracy("two", ["2"] * 4 + ["3"] * 6) == 1.0
+    assert evaluation.vqa_accuracy("two", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
+    assert evaluation.vqa_accuracy("2", ["2"] * 2 + ["3"] * 8) == pytest.approx(0.6)
+    # Unanimous answers are compared without normalisation.
+    assert evaluation.vqa_accuracy("Yes", ["yes"] * 10) == 0.0
+    assert evaluation.vqa_accuracy("the dog", ["dog"]) == 0.0 and evaluation.vqa_accuracy(" dog ", ["dog"]) == 1.0
+
+
+def test_coco_caption_tokens_match_the_ptb_tokenizer(fixtures_dir):
+    reference = json.loads((fixtures_dir / "cider_pycocoevalcap_reference.json").read_text())
+    for text, want in reference["ptb_tokenized"].items():
+        assert " ".join(evaluation.coco_caption_tokens(text)) == want, text
+
+
+def test_cider_matches_pycocoevalcap(fixtures_dir):
+    reference = json.loads((fixtures_dir / "cider_pycocoevalcap_reference.json").read_text())["cider"]
+    # From raw text (our tokenizer) and from PTB's tokens: the same scores.
+    corpus, scores = evaluation.cider(reference["predictions"], reference["references"])
+    assert corpus == pytest.approx(reference["corpus"], abs=1e-12)
+    np.testing.assert_allclose(scores, reference["scores"], atol=1e-12)
+    corpus, _ = evaluation.cider(reference["tokenized_predictions"], reference["tokenized_references"], tokenize=str.split)
+    assert corpus == pytest.approx(reference["corpus"], abs=1e-12)
+    assert evaluation.score("cider", reference["predictions"], reference["references"]) == pytest.approx(corpus)
+
+
+def test_cider_matches_pycocoevalcap_on_random_corpora():
+    cider_module = pytest.importorskip("pycocoevalcap.cider.cider")
+    rng = np.random.default_rng(0)
+    words = "a the red blue dog cat on under big small runs sits".split()
+    sentence = lambda: " ".join(rng.choice(words, rng.integers(1, 9)))  # noqa: E731
+    for _ in range(5):
+        size = int(rng.integers(2, 8))
+        predictions = [sentence() for _ in range(size)]
+        references = [[sentence() for _ in range(rng.integers(1, 5))] for _ in range(size)]
+        want, want_scores = cider_module.Cider().compute_score(
+            {i: r for i, r in enumerate(references)}, {i: [p] for i, p in enumerate(predictions)}
+        )
+        got, scores = evaluation.cider(predictions, references, tokenize=str.split)
+        assert got == pytest.approx(want, abs=1e-12)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-12)
+
+
+def test_cider_worked_properties():
+    # A prediction equal to its only reference in a corpus of distinct
+    # captions scores 10 (cosine 1 for every n-gram order).
+    captions = ["a red circle and a blue square", "two dogs play in a big park", "a man rides a wave"]
+    corpus, scores = evaluation.cider(captions, [[c] for c in captions])
+    assert corpus == pytest.approx(10.0)
+    # Words found in every example's references carry no weight.
+    _, scores = evaluation.cider(["a", "b c"], [["a x"], ["a y"]])
+    assert scores[0] == 0.0
+    with pytest.raises(ValueError, match="at least one reference"):
+        evaluation.cider(["a"], [[]])
+
+
+def test_mask_ious_match_big_vision(fixtures_dir):
+    reference = np.load(fixtures_dir / "segmentation_big_vision_reference.npz")
+    texts = [str(t) for t in reference["texts"]]
+    masks = [reference[f"mask_{i}"] for i in range(len(texts))]
+    decoder = MaskDecoder.from_checkpoint(fixtures_dir / "vae_tiny" / "vae.npz")
+    ious = evaluation.mask_ious(texts, masks, decoder)
+    np.testing.assert_allclose(ious, reference["ious"], atol=1e-12)
+    assert ious[0] > 0.4 and ious[3] == 0.0  # a matching mask, and an inverted box
+    # Not a segmentation answer at all, or codes out of range: 0.
+    assert evaluation.mask_ious(["a cat", texts[0].replace("<seg", "<seg9", 1)], masks[:2], decoder) == [0.0, 0.0]
