@@ -239,7 +239,7 @@ def files_of(path):
     return [path]
 
 
-def measure(directory, with_keras_hub=True):
+def measure(directory, with_keras_hub=True, only=None):
     cases = [
         ("floor: read the .npz into new memory", "floor", os.path.join(directory, "paligemma2-3b-pt-224.b16.npz")),
         ("big_vision .b16.npz", "ours", os.path.join(directory, "paligemma2-3b-pt-224.b16.npz")),
@@ -248,6 +248,8 @@ def measure(directory, with_keras_hub=True):
     if with_keras_hub and os.path.isdir(os.path.join(directory, "keras_hub")):
         cases.append(("keras-hub preset, into ours", "ours", os.path.join(directory, "keras_hub")))
         cases.append(("keras-hub preset, keras-hub itself", "keras_hub_native", os.path.join(directory, "keras_hub")))
+    if only:
+        cases = [c for c in cases if only in c[0]]
     rows = []
     for label, kind, path in cases:
         size = sum(os.path.getsize(f) for f in files_of(path))
@@ -283,11 +285,12 @@ def main():
     parser.add_argument("directory")
     parser.add_argument("--keras-hub", action="store_true", help="also write a keras-hub preset (make)")
     parser.add_argument("--skip-keras-hub", action="store_true", help="measure only our formats (measure)")
+    parser.add_argument("--only", help="measure only the cases whose label contains this text (measure)")
     args = parser.parse_args()
     if args.command == "make":
         make(args.directory, args.keras_hub)
     else:
-        measure(args.directory, with_keras_hub=not args.skip_keras_hub)
+        measure(args.directory, with_keras_hub=not args.skip_keras_hub, only=args.only)
 
 
 if __name__ == "__main__":

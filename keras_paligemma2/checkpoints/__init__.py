@@ -134,11 +134,14 @@ def _load_keras_preset(cls, preset, load_weights, overrides):
         source = keras_hub.models.PaliGemmaBackbone.from_preset(preset, load_weights=False)
         config = {**keras_hub_preset.infer_config(source.get_config(), preset), **overrides}
         return cls(**config)
-    # keras-hub's model, filled from its file without random initialization;
-    # each of its tensors is released once converted into ours, so that the
-    # host holds about one model, not two.
+    # keras-hub's model, filled from its file without random initialization,
+    # in the file's dtype (keras-hub would widen bfloat16 to float32: twice
+    # the memory); each of its tensors is released once converted into ours,
+    # so that the host holds about one model, not two.
     with keras.StatelessScope(initialize_variables=False):
-        source = keras_hub.models.PaliGemmaBackbone.from_preset(preset, load_weights=False)
+        source = keras_hub.models.PaliGemmaBackbone.from_preset(
+            preset, load_weights=False, **_keep_saved_dtype(preset, {})
+        )
     _fill_from_keras_preset(source, preset)
     config = {
         **keras_hub_preset.infer_config(source.get_config(), preset),
