@@ -201,3 +201,18 @@ def test_evaluate_scores_vqa_cider_and_masks_as_the_library(fixtures_dir, shapes
     data.write_text("\n".join(json.dumps(line) for line in lines))
     assert main(args) == 2
     assert "line 2: no mask file 'missing.png'" in capsys.readouterr().err
+
+
+def test_convert_and_plan_the_embedded_preset(tmp_path, capsys):
+    destination = tmp_path / "tiny_bf16"
+    assert main(["convert", PRESET, str(destination), "--dtype", "bfloat16"]) == 0
+    original = PaliGemma2CausalLM.from_preset(PRESET)
+    converted = PaliGemma2CausalLM.from_preset(str(destination))
+    assert converted.backbone.token_embedding.embeddings.dtype == "bfloat16"
+    want = np.asarray(original.backbone.token_embedding.embeddings).astype("bfloat16")
+    np.testing.assert_array_equal(np.asarray(converted.backbone.token_embedding.embeddings), want)
+    image = str(pathlib.Path(__file__).parents[1] / "examples" / "data" / "shapes.png")
+    assert main(["generate", "--preset", str(destination), "--image", image, "--prompt", "caption en", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(destination), "--devices", "2", "--device-memory", "1", "--mode", "full"]) == 0
+    assert "chosen" in capsys.readouterr().out
