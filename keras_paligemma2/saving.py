@@ -18,6 +18,8 @@ def atomic_file(path, mode="wb"):
     path = os.path.abspath(os.fspath(path))
     handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
     try:
+        # mkstemp makes it private (0600); give it what open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(handle, mode) as f:
             yield f
             f.flush()
@@ -27,6 +29,12 @@ def atomic_file(path, mode="wb"):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -42,6 +50,7 @@ def atomic_directory(path):
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # as os.makedirs would, not mkdtemp's 0700
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -25,3 +25,20 @@ def test_success_replaces_the_directory(tmp_path):
         (tmp_path / staging / "config.json").write_text("{}")
     assert sorted(p.name for p in target.iterdir()) == ["config.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preset"]
+
+
+def test_written_files_and_directories_get_the_usual_permissions(tmp_path):
+    import os
+
+    from keras_paligemma2.saving import atomic_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "preset") as staging:
+            with atomic_file(os.path.join(staging, "accuracy.json"), "w") as f:
+                f.write("{}")
+    finally:
+        os.umask(old)
+    # Not mkstemp's 0600 / mkdtemp's 0700: others can read a saved preset.
+    assert (tmp_path / "preset").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "preset" / "accuracy.json").stat().st_mode & 0o777 == 0o644
