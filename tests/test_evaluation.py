@@ -62,6 +62,16 @@ def test_score_averages_and_refuses_unknown_metrics():
 # IoU on the `vae_tiny` decoder's masks.
 
 
+def test_anls_and_relaxed_accuracy_match_big_vision(fixtures_dir):
+    # big_vision's `anls_metric` (DocVQA evaluator with to_lower=True) and
+    # ChartQA `_relaxed_match`, on the inputs listed.
+    reference = json.loads((fixtures_dir / "qa_big_vision_reference.json").read_text())
+    for prediction, answers, want in reference["anls_lowercased"]:
+        assert evaluation.anls(prediction, answers) == pytest.approx(want), (prediction, answers)
+    for prediction, answer, want in reference["relaxed_accuracy"]:
+        assert evaluation.relaxed_accuracy(prediction, [answer]) == want, (prediction, answer)
+
+
 def test_vqa_normalisation_and_accuracy_match_big_vision(fixtures_dir):
     reference = json.loads((fixtures_dir / "vqa_big_vision_reference.json").read_text())
     for text, want in reference["normalized"].items():
