@@ -130,9 +130,12 @@ def _load_keras_preset(cls, preset, load_weights, overrides):
             f"{preset!r} holds a keras-hub {class_name}, not a PaliGemma "
             "backbone."
         )
+    from keras_hub.src.utils.preset_utils import load_json
+
+    # The config is keras-hub's `get_config()` as saved: no need to build
+    # keras-hub's model to read it.
+    config = {**keras_hub_preset.infer_config(load_json(preset)["config"], preset), **overrides}
     if not load_weights:
-        source = keras_hub.models.PaliGemmaBackbone.from_preset(preset, load_weights=False)
-        config = {**keras_hub_preset.infer_config(source.get_config(), preset), **overrides}
         return cls(**config)
     # keras-hub's model, filled from its file without random initialization,
     # in the file's dtype (keras-hub would widen bfloat16 to float32: twice
@@ -143,10 +146,6 @@ def _load_keras_preset(cls, preset, load_weights, overrides):
             preset, load_weights=False, **_keep_saved_dtype(preset, {})
         )
     _fill_from_keras_preset(source, preset)
-    config = {
-        **keras_hub_preset.infer_config(source.get_config(), preset),
-        **overrides,
-    }
     tensors = keras_hub_preset.read_tensors(source, keras_hub_preset.rules(config))
     return _build_and_assign(
         cls, config, keras_hub_preset.rules, tensors, preset, load_weights

@@ -190,3 +190,12 @@ def test_keras_hub_preset_converts_without_running_initializers(saved_keras_hub_
     assert initialized == []  # neither keras-hub's model nor ours drew random weights
     embedding = np.asarray(ours.token_embedding.embeddings)
     np.testing.assert_array_equal(embedding, np.asarray(source.token_embedding.embeddings))
+
+
+def test_keras_hub_preset_without_weights_builds_only_ours(saved_keras_hub_preset, initialized):
+    source, path = saved_keras_hub_preset
+    initialized.clear()
+    ours = PaliGemma2Backbone.from_preset(path, load_weights=False)
+    # Only our own variables are initialized: keras-hub's model is not built to read the config.
+    assert sorted(initialized) == sorted(v.path for v in ours.weights)
+    assert ours.num_layers == source.num_layers and ours.vocabulary_size == source.vocabulary_size
