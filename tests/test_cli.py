@@ -10,6 +10,7 @@ import PIL.Image
 import pytest
 
 from keras_paligemma2 import PaliGemma2CausalLM
+from keras_paligemma2 import evaluation
 from keras_paligemma2.checkpoints.common import read_npz_lazily
 from keras_paligemma2.cli import main
 
@@ -172,8 +173,9 @@ def test_evaluate_scores_vqa_cider_and_masks_as_the_library(fixtures_dir, shapes
         mask = reference[f"mask_{i}"]
         PIL.Image.new("RGB", mask.shape[::-1]).save(tmp_path / f"{i}.png")
         PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / f"{i}_mask.png")
-        lines.append({"image": f"{i}.png", "prefix": "segment thing", "mask": f"{i}_mask.png",
-                      "answers": ["a thing", "the thing", "thing"]})
+        # The first example's annotators all gave the model's answer.
+        references = [answer] * 4 if i == 0 else ["a thing", "the thing", "thing"]
+        lines.append({"image": f"{i}.png", "prefix": "segment thing", "mask": f"{i}_mask.png", "answers": references})
     data = tmp_path / "segment.jsonl"
     data.write_text("\n".join(json.dumps(line) for line in lines))
     # The embedded model cannot segment: give it big_vision's reference answers.
@@ -184,7 +186,9 @@ def test_evaluate_scores_vqa_cider_and_masks_as_the_library(fixtures_dir, shapes
     assert main(args) == 0
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["mask_miou"] == pytest.approx(reference["ious"][:3].mean())
-    assert scores["vqa_accuracy"] == 0.0 and scores["cider"] == 0.0
+    assert scores["vqa_accuracy"] == pytest.approx(1 / 3)
+    references = [line["answers"] for line in lines]
+    assert scores["cider"] == pytest.approx(evaluation.cider(answers, references)[0]) and scores["cider"] > 0
     # Without the decoder, a mask, or with a mask of the wrong size: one line, nothing run.
     assert main(args[:-3] + ["--json"]) == 2
     assert "--metric mask_miou needs --mask-decoder" in capsys.readouterr().err
