@@ -112,16 +112,32 @@ def reference_attention(query, key, value, mask=None, *, soft_cap=None):
     batch, query_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     groups = num_heads // num_kv_heads
+    # Batch axes (B, K, G) first and the contracted axis innermost: XLA:CPU
+    # then multiplies contiguous matrices instead of copying around strided
+    # einsum operands (prefill measured ~10% faster; decode steps unchanged).
     query = query.reshape(batch, query_len, num_kv_heads, groups, head_dim)
+    query = jnp.transpose(query, (0, 2, 3, 1, 4))  # (B, K, G, T, H)
+    key = jnp.transpose(key, (0, 2, 3, 1))  # (B, K, H, S)
+    value_kv = jnp.transpose(value, (0, 2, 1, 3))  # (B, K, S, H)
     logits = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", query, key, preferred_element_type=jnp.float32
+        "BKGTH,BKHS->BKGTS", query, key, preferred_element_type=jnp.float32
     )
     if soft_cap:
         logits = jnp.tanh(logits / soft_cap) * soft_cap
     if mask is not None:
         logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value)
+    # The softmax, written out so that float32 can normalise after the value
+    # product: dividing (T, H) outputs instead of (T, S) probabilities, the
+    # same numbers up to rounding. Narrower values keep big_vision's order:
+    # probabilities rounded to the value dtype, then the product.
+    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    if value.dtype == jnp.float32:
+        encoded = jnp.einsum("BKGTS,BKSH->BKGTH", weights, value_kv) / total
+    else:
+        probs = (weights / total).astype(value.dtype)
+        encoded = jnp.einsum("BKGTS,BKSH->BKGTH", probs, value_kv)
+    encoded = jnp.transpose(encoded, (0, 3, 1, 2, 4)).astype(value.dtype)
     return encoded.reshape(batch, query_len, num_heads, head_dim)
 
 

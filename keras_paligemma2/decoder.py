@@ -145,11 +145,14 @@ class DecoderAttention(keras.layers.Layer):
         self.output_projection.build((None, None, n, h))
         self.built = True
 
-    def call(self, x, positions, attention_mask, kv_cache=None, cache_index=None):
-        query = apply_rope(self.query(x), positions, self.rope_max_wavelength)
-        query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
+    def call(self, x, positions, attention_mask, kv_cache=None, cache_index=None, last_only=False):
         key = apply_rope(self.key(x), positions, self.rope_max_wavelength)
         value = self.value(x)
+        if last_only:
+            x, positions = x[:, -1:], positions[:, -1:]
+            attention_mask = attention_mask[:, -1:]
+        query = apply_rope(self.query(x), positions, self.rope_max_wavelength)
+        query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
         if kv_cache is not None:
             new_kv = ops.cast(ops.stack([key, value], axis=1), kv_cache.dtype)
             kv_cache = ops.slice_update(
@@ -264,31 +267,40 @@ class DecoderBlock(keras.layers.Layer):
             layer.build(input_shape)
         self.built = True
 
-    def call(self, x, positions, attention_mask, kv_cache=None, cache_index=None):
-        """Returns the block output, and the updated cache when given one."""
+    def call(self, x, positions, attention_mask, kv_cache=None, cache_index=None, last_only=False):
+        """Returns the block output, and the updated cache when given one.
+
+        `last_only=True` (with a cache): keys and values of every position
+        go into the cache, but only the last position is attended from and
+        returned, (B, 1, D): all that the final block of a prefill needs.
+        """
         if self.remat and kv_cache is None:
             # Activations are recomputed in the backward pass, not stored.
             return keras.remat(self._forward)(x, positions, attention_mask)
-        return self._forward(x, positions, attention_mask, kv_cache, cache_index)
+        return self._forward(x, positions, attention_mask, kv_cache, cache_index, last_only)
 
-    def _forward(self, x, positions, attention_mask, kv_cache=None, cache_index=None):
+    def _forward(self, x, positions, attention_mask, kv_cache=None, cache_index=None, last_only=False):
         attended = self.attention(
             self.pre_attention_norm(x),
             positions,
             attention_mask,
             kv_cache=kv_cache,
             cache_index=cache_index,
+            last_only=last_only,
         )
         if kv_cache is not None:
             attended, kv_cache = attended
+        if last_only:
+            x = x[:, -1:]
         x = x + self.post_attention_norm(attended)
         x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
         return x if kv_cache is None else (x, kv_cache)
 
-    def compute_output_spec(self, x, positions, attention_mask, kv_cache=None, cache_index=None):
+    def compute_output_spec(self, x, positions, attention_mask, kv_cache=None, cache_index=None, last_only=False):
         # Declared rather than traced: tracing every block while building a
         # functional model costs seconds for the 26-46 layer models.
-        output = keras.KerasTensor(x.shape, x.dtype)
+        shape = (x.shape[0], 1, x.shape[2]) if last_only else x.shape
+        output = keras.KerasTensor(shape, x.dtype)
         if kv_cache is None:
             return output
         return output, keras.KerasTensor(kv_cache.shape, kv_cache.dtype)

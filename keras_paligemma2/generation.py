@@ -163,10 +163,19 @@ class Decoder:
             for local in self._layer_kinds()
         }
         caches = []
+        last = backbone.num_layers - 1
         for i, block in enumerate(backbone.decoder_blocks):
             empty = jnp.zeros(self._cache_shape(batch, cache_len), x.dtype)
+            # Only the last prompt position's output is needed from the final
+            # block (the first token's logits): it skips the other positions'
+            # attention and MLP there, and still caches their keys/values.
             x, cache = block(
-                x, positions, masks[backbone.is_local_layer(i, window)], kv_cache=empty, cache_index=0
+                x,
+                positions,
+                masks[backbone.is_local_layer(i, window)],
+                kv_cache=empty,
+                cache_index=0,
+                last_only=i == last,
             )
             caches.append(cache)
         logits = self.lm.text_logits(backbone.final_norm(x[:, -1:]))[:, 0]

@@ -90,6 +90,25 @@ def test_decoder_block_matches_reference():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_last_only_block_caches_every_position_and_returns_the_last():
+    # The final block of a prefill: the cache gets all keys/values, the
+    # output is the last position's row of the full computation.
+    block = DecoderBlock(4, 2, 8, 24, query_pre_attn_scalar=8, attention_logit_soft_cap=3.0)
+    x = rng.normal(size=(2, 6, 16)).astype("float32")
+    block.build(x.shape)
+    _randomize(block)
+    positions = np.array([[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
+    valid = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    mask = ref.prefix_lm_mask(valid, np.zeros((2, 6), int))
+    mask = np.concatenate([mask, np.zeros((2, 6, 3), bool)], axis=2)  # 3 free slots
+    empty = np.zeros((2, 2, 9, 2, 8), "float32")
+    full, full_cache = block(x, positions, mask, kv_cache=empty, cache_index=0)
+    last, last_cache = block(x, positions, mask, kv_cache=empty, cache_index=0, last_only=True)
+    assert last.shape == (2, 1, 16)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full)[:, -1:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(last_cache), np.asarray(full_cache))
+    assert np.abs(np.asarray(full_cache)[:, :, :6]).min() > 0  # every position written
+
 def test_decoder_projections_are_lora_and_int8_ready():
     block = DecoderBlock(4, 2, 8, 24, query_pre_attn_scalar=8)
     block.build((None, None, 16))
