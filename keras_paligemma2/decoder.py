@@ -100,9 +100,12 @@ class DecoderAttention(keras.layers.Layer):
     D/N = 144, for 28B).
 
     `call(x, positions, attention_mask, kv_cache=None, cache_index=None)`:
-    without a cache, keys/values come from `x` and the output is returned. With `kv_cache` (B, 2, S, K, H), the new keys/values are written
-    at `cache_index` and attention runs over the whole cache; the updated
-    cache is returned as the second output.
+    without a cache, keys/values come from `x` and the output is returned.
+    With `kv_cache` (B, 2, S, K, H), the new keys/values are written at
+    `cache_index` and the updated cache is returned as the second output;
+    attention runs over the whole cache when the mask has S key columns, or
+    over the new keys only when it has as many as `x` has positions (a
+    prefill, where the rest of the cache is still empty).
     """
 
     def __init__(
@@ -158,8 +161,11 @@ class DecoderAttention(keras.layers.Layer):
             kv_cache = ops.slice_update(
                 kv_cache, (0, 0, cache_index, 0, 0), new_kv
             )
-            key = ops.cast(kv_cache[:, 0], key.dtype)
-            value = ops.cast(kv_cache[:, 1], value.dtype)
+            # The mask's key axis says what is attended: the whole cache, or
+            # (a prefill into an empty cache) only the keys just written.
+            attended_kv = kv_cache if attention_mask.shape[-1] != key.shape[1] else new_kv
+            key = ops.cast(attended_kv[:, 0], key.dtype)
+            value = ops.cast(attended_kv[:, 1], value.dtype)
         encoded = dot_product_attention(
             query, key, value, attention_mask, soft_cap=self.soft_cap
         )

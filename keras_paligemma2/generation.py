@@ -150,14 +150,13 @@ class Decoder:
         cache_positions = jnp.cumsum(cache_valid, axis=1) - 1
         cache_blocks = jnp.zeros((batch, cache_len), jnp.int32)
         positions = cache_positions[:, :prefill_len]
+        # Keys: the prefill's own tokens only; the rest of the cache is empty.
         masks = {
             local: make_attention_mask(
-                cache_valid,
-                cache_blocks,
-                query_valid=cache_valid[:, :prefill_len],
-                query_blocks=cache_blocks[:, :prefill_len],
+                cache_valid[:, :prefill_len],
+                cache_blocks[:, :prefill_len],
                 query_positions=positions,
-                key_positions=cache_positions,
+                key_positions=positions,
                 sliding_window=window if local else None,
             )
             for local in self._layer_kinds()

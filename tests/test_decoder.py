@@ -90,7 +90,7 @@ def test_decoder_block_matches_reference():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_last_only_block_caches_every_position_and_returns_the_last():
+def test_prefill_block_caches_every_position_and_can_return_only_the_last():
     # The final block of a prefill: the cache gets all keys/values, the
     # output is the last position's row of the full computation.
     block = DecoderBlock(4, 2, 8, 24, query_pre_attn_scalar=8, attention_logit_soft_cap=3.0)
@@ -108,6 +108,10 @@ def test_last_only_block_caches_every_position_and_returns_the_last():
     np.testing.assert_allclose(np.asarray(last), np.asarray(full)[:, -1:], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(last_cache), np.asarray(full_cache))
     assert np.abs(np.asarray(full_cache)[:, :, :6]).min() > 0  # every position written
+    # A mask over the new keys only (the prefill's): same output, same cache.
+    own, own_cache = block(x, positions, mask[:, :, :6], kv_cache=empty, cache_index=0)
+    np.testing.assert_allclose(np.asarray(own), np.asarray(full), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(own_cache), np.asarray(full_cache))
 
 def test_decoder_projections_are_lora_and_int8_ready():
     block = DecoderBlock(4, 2, 8, 24, query_pre_attn_scalar=8)
