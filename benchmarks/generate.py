@@ -5,8 +5,9 @@
 Shared benchmark config, random float32 weights moved from keras-hub's model
 into ours through a keras-hub preset. 16-token prompts, batch 1 and 8, 32 and
 64 new tokens, no stop token, after a warm-up call of the same shape.
-Each time is the fastest of `--repeats` warm calls (this VM's timings vary
-by +-25% between calls; the fastest is the least disturbed). Per-token
+Each time is the fastest of `--repeats` warm calls, the calls of both models
+taken in turn round by round (this VM's timings vary by +-25% between calls;
+the fastest is the least disturbed). Per-token
 decode time is (T(64) - T(32)) / 32. Time to first token: ours
 with `max_new_tokens=1`; keras-hub, which prefills the whole padded length,
 at `max_length` 80 (16 + 64, the issue's setting; its generation is stopped
@@ -42,17 +43,23 @@ def inputs(batch, length, rng):
     return {"images": images, "token_ids": token_ids, "padding_mask": padding_mask}
 
 
-def timed(run, repeats):
-    start = time.perf_counter()
-    run()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
+def timed_rounds(runs, repeats):
+    """Times each named call: the first (compiling) call, then `repeats`
+    rounds in which every call runs once in turn, so that a disturbance of
+    the machine falls on all of them alike. Returns {name: (fastest warm
+    time, compile time = first - fastest)}."""
+    first = {}
+    for name, run in runs.items():
         start = time.perf_counter()
         run()
-        times.append(time.perf_counter() - start)
-    warm = min(times)
-    return warm, first - warm
+        first[name] = time.perf_counter() - start
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: (min(t), first[name] - min(t)) for name, t in times.items()}
 
 
 def main():
@@ -64,26 +71,18 @@ def main():
     theirs.compile(sampler="greedy")
     print(f"device: {jax.devices()[0].platform}, float32, 16-token prompts")
     for batch in (1, 8):
-        row = {}
+        runs = {}
         for new in (32, 64):
             x = inputs(batch, PROMPT, rng)
-
-            def run_ours(x=x, new=new):
-                ours.generate(x, max_new_tokens=new, stop_token_ids=None)
-
-            row[("ours", new)] = timed(run_ours, args.repeats)
+            runs[("ours", new)] = lambda x=x, new=new: ours.generate(x, max_new_tokens=new, stop_token_ids=None)
             xk = inputs(batch, PROMPT + new, rng)
-
-            def run_theirs(xk=xk, new=new):
-                theirs.generate(xk, max_length=PROMPT + new, stop_token_ids=None)
-
-            row[("keras-hub", new)] = timed(run_theirs, args.repeats)
+            runs[("keras-hub", new)] = lambda xk=xk, new=new: theirs.generate(
+                xk, max_length=PROMPT + new, stop_token_ids=None
+            )
         x = inputs(batch, PROMPT, rng)
-        ttft_ours, _ = timed(lambda: ours.generate(x, max_new_tokens=1, stop_token_ids=None), args.repeats)
-        xk = inputs(batch, PROMPT + 1, rng)
-        ttft_theirs_short, _ = timed(
-            lambda: theirs.generate(xk, max_length=PROMPT + 1, stop_token_ids=None), args.repeats
-        )
+        runs[("ours", 1)] = lambda: ours.generate(x, max_new_tokens=1, stop_token_ids=None)
+        xk17 = inputs(batch, PROMPT + 1, rng)
+        runs[("keras-hub", 17)] = lambda: theirs.generate(xk17, max_length=PROMPT + 1, stop_token_ids=None)
         # At max_length 80, as the issue specifies: keras-hub prefills all 80
         # positions before its first step. Stopping on the tokens it is about
         # to produce makes it return right after that first step.
@@ -91,12 +90,12 @@ def main():
         short = {**xk, "token_ids": xk["token_ids"][:, : PROMPT + 1], "padding_mask": xk["padding_mask"][:, : PROMPT + 1]}
         first = theirs.generate(short, max_length=PROMPT + 1, stop_token_ids=None)["token_ids"][:, PROMPT]
         stop = tuple(sorted({int(t) for t in np.asarray(first)}))
-        ttft_theirs, _ = timed(lambda: theirs.generate(xk, max_length=PROMPT + 64, stop_token_ids=stop), args.repeats)
+        runs[("keras-hub", 1)] = lambda: theirs.generate(xk, max_length=PROMPT + 64, stop_token_ids=stop)
+        result = timed_rounds(runs, args.repeats)
+        row = {}
         for name in ("ours", "keras-hub"):
-            t32, c32 = row[(name, 32)]
-            t64, _ = row[(name, 64)]
+            (t32, c32), (t64, _), (ttft, _) = (result[(name, n)] for n in (32, 64, 1))
             step = (t64 - t32) / 32
-            ttft = ttft_ours if name == "ours" else ttft_theirs
             row[name] = (step, ttft)
             print(
                 f"batch {batch} {name:9s}: T(32) {t32:6.2f} s, T(64) {t64:6.2f} s, "
@@ -104,8 +103,9 @@ def main():
                 f"first token {ttft * 1e3:7.1f} ms, compile {c32:5.1f} s",
                 flush=True,
             )
+        ttft_theirs_short = result[("keras-hub", 17)][0]
         print(f"batch {batch} keras-hub first token at max_length {PROMPT + 1}: {ttft_theirs_short * 1e3:.1f} ms "
-              f"(a lower bound; {ttft_theirs_short / ttft_ours:.2f}x ours)", flush=True)
+              f"(a lower bound; {ttft_theirs_short / row['ours'][1]:.2f}x ours)", flush=True)
         print(
             f"batch {batch} ratio keras-hub/ours: decode step {row['keras-hub'][0] / row['ours'][0]:.2f}x, "
             f"first token {row['keras-hub'][1] / row['ours'][1]:.2f}x",
