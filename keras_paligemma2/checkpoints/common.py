@@ -10,7 +10,9 @@ unexpected and mis-shaped tensor, and never leaves a half-loaded model.
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import json
 import mmap
 import os
@@ -53,10 +55,14 @@ class LazyTensor:
         self.read = read
         self.location = location
 
-    def prefetch(self):
+    def prefetch(self, reader=None):
+        """Asks the kernel to start reading this tensor into the page cache,
+        unless `reader` (a `_FileReader`) will read it around the cache."""
         if self.location is None or not hasattr(os, "posix_fadvise"):
             return
         path, offset, nbytes = self.location
+        if reader is not None and reader.reads_directly(path, nbytes):
+            return
         try:
             with open(path, "rb") as f:
                 os.posix_fadvise(f.fileno(), offset, nbytes, os.POSIX_FADV_WILLNEED)
@@ -276,8 +282,8 @@ def load_model(cls, config, rules, tensors, source_name, ignored=(), progress=No
             prefetched = set()
             for rule in table + [None] * window:
                 if rule is not None:
-                    if rule.source not in prefetched:  # Kernel readahead hint.
-                        tensors[rule.source].prefetch()
+                    if rule.source not in prefetched:  # Kernel readahead hint,
+                        tensors[rule.source].prefetch(reader)  # for cached reads.
                         prefetched.add(rule.source)
                     variable = variables[rule.target]
                     pending.append(
@@ -346,20 +352,65 @@ class _FileReader:
     `os.preadv` needs no seek, so the two reader threads share a descriptor
     without a lock around each read; the file is opened once per load rather
     than once per tensor.
+
+    Reads of `_DIRECT_MIN_BYTES` or more bypass the page cache (`O_DIRECT`)
+    where the file system allows it: the disk writes straight into the
+    buffer that becomes the variable, instead of into page-cache pages that
+    are then copied. A cold 6 GB read into fresh memory took 3.7-4.4 s that
+    way against 9.3-9.5 s through the cache (2-core VM), and the host does
+    not hold a second, cached copy of the checkpoint beside the model. A
+    file system that refuses `O_DIRECT` gets ordinary reads.
     """
 
     def __init__(self):
         self.descriptors = {}
+        self.direct_descriptors = {}  # path -> O_DIRECT descriptor, or None
         self.lock = threading.Lock()
 
-    def read_into(self, path, offset, buffer):
+    def _descriptor(self, path):
         with self.lock:
             if path not in self.descriptors:
                 descriptor = os.open(path, os.O_RDONLY)
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 self.descriptors[path] = descriptor
-            descriptor = self.descriptors[path]
+            return self.descriptors[path]
+
+    def _direct_descriptor(self, path):
+        if not hasattr(os, "O_DIRECT"):
+            return None
+        with self.lock:
+            if path not in self.direct_descriptors:
+                try:
+                    self.direct_descriptors[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                except OSError:
+                    self.direct_descriptors[path] = None
+            return self.direct_descriptors[path]
+
+    def reads_directly(self, path, nbytes):
+        """Whether a read of `nbytes` from `path` would bypass the page cache."""
+        return nbytes >= _DIRECT_MIN_BYTES and self._direct_descriptor(path) is not None
+
+    def read_array(self, path, offset, dtype, shape):
+        """`shape` x `dtype` from byte `offset` of `path`, in a new 64-byte-aligned array."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if self.reads_directly(path, nbytes):
+            try:
+                buffer = self._read_direct(path, offset, nbytes)
+                return buffer.view(dtype).reshape(shape)
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+                # Alignment rules this file system has and we did not meet:
+                # ordinary reads for this file from now on.
+                with self.lock:
+                    self.direct_descriptors[path] = None
+        buffer = _host_buffer(nbytes)
+        self.read_into(path, offset, buffer)
+        return buffer.view(dtype).reshape(shape)
+
+    def read_into(self, path, offset, buffer):
+        descriptor = self._descriptor(path)
         target = memoryview(buffer).cast("B")
         done = 0
         while done < len(target):
@@ -368,10 +419,41 @@ class _FileReader:
                 raise OSError(f"{path} ended while reading {len(target)} bytes at {offset}")
             done += count
 
+    def _read_direct(self, path, offset, nbytes):
+        # O_DIRECT wants the file offset, the length and the buffer address
+        # aligned to the device's block size (4096 covers the usual 512 and
+        # 4096): read the aligned span around the tensor into a page-aligned
+        # map, then move the tensor's bytes down to its start, in place.
+        descriptor = self._direct_descriptor(path)
+        begin = offset - offset % _DIRECT_ALIGNMENT
+        skip = offset - begin
+        length = -(-(skip + nbytes) // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
+        storage = mmap.mmap(-1, length)
+        target = memoryview(storage)
+        done = 0
+        try:
+            while done < skip + nbytes:
+                count = os.preadv(descriptor, [target[done:]], begin + done)
+                if not count:
+                    raise OSError(f"{path} ended while reading {nbytes} bytes at {offset}")
+                done += count
+        finally:
+            target.release()
+        buffer = np.frombuffer(storage, np.uint8)
+        if skip:
+            ctypes.memmove(buffer.ctypes.data, buffer.ctypes.data + skip, nbytes)
+        return buffer[:nbytes]
+
     def close(self):
-        for descriptor in self.descriptors.values():
-            os.close(descriptor)
+        for descriptor in [*self.descriptors.values(), *self.direct_descriptors.values()]:
+            if descriptor is not None:
+                os.close(descriptor)
         self.descriptors.clear()
+        self.direct_descriptors.clear()
+
+
+_DIRECT_MIN_BYTES = 1 << 20
+_DIRECT_ALIGNMENT = 4096
 
 
 def _file_position(tensor):
@@ -410,14 +492,13 @@ def _aligned_copy(view, raw, tensor, reader):
     Read straight from the file when `raw` maps a known file region.
     """
     nbytes = view.size * view.dtype.itemsize
-    out = _host_buffer(nbytes).view(view.dtype).reshape(view.shape)
     if tensor.location is None or not _maps_file(raw) or nbytes == 0:
+        out = _host_buffer(nbytes).view(view.dtype).reshape(view.shape)
         np.copyto(out, view)
         return out
     path, offset, _ = tensor.location
     offset += view.ctypes.data - raw.ctypes.data
-    reader.read_into(path, offset, out.reshape(-1).view(np.uint8))
-    return out
+    return reader.read_array(path, offset, view.dtype, view.shape)
 
 
 def _host_buffer(nbytes):

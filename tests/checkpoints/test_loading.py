@@ -80,3 +80,92 @@ def test_load_under_model_parallel_places_shards(fixtures_dir, bv_f32):
         }
     )
     assert np.abs(np.asarray(logits) - reference["text_logits"]).max() < 1e-4
+
+
+def _direct_io_supported(directory):
+    import os
+
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = directory / "probe"
+    probe.write_bytes(b"\0" * 4096)
+    try:
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+def test_direct_reads_give_the_file_bytes_at_any_offset(tmp_path, monkeypatch):
+    from keras_paligemma2.checkpoints import common
+
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1024)
+    data = np.random.default_rng(0).integers(0, 256, 3 * 65536 + 123, dtype=np.uint8)
+    path = tmp_path / "blob"
+    path.write_bytes(data.tobytes())
+    reader = common._FileReader()
+    try:
+        assert reader.reads_directly(str(path), 4096)
+        assert not reader.reads_directly(str(path), 1000)  # small: through the cache
+        for offset, count in [(0, 4096), (1, 5000), (4095, 70001), (4096, 8192), (12345, 2 * 65536), (len(data) - 3001, 3001)]:
+            got = reader.read_array(str(path), offset, np.uint8, (count,))
+            np.testing.assert_array_equal(got, data[offset : offset + count])
+            assert got.ctypes.data % 64 == 0  # jax.device_put adopts it without a copy
+        with pytest.raises(OSError, match="ended while reading"):
+            reader.read_array(str(path), len(data) - 2000, np.uint8, (4000,))
+    finally:
+        reader.close()
+
+
+def test_refused_direct_reads_fall_back_to_the_page_cache(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from keras_paligemma2.checkpoints import common
+
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1024)
+    data = np.arange(20000, dtype=np.uint8)
+    path = tmp_path / "blob"
+    path.write_bytes(data.tobytes())
+    real_preadv = os.preadv
+    direct = set()
+
+    def preadv(descriptor, buffers, offset):
+        if descriptor in direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(descriptor, buffers, offset)
+
+    monkeypatch.setattr(common.os, "preadv", preadv)
+    reader = common._FileReader()
+    try:
+        direct.add(reader._direct_descriptor(str(path)))
+        got = reader.read_array(str(path), 7, np.uint8, (9000,))
+        np.testing.assert_array_equal(got, data[7:9007])
+        assert not reader.reads_directly(str(path), 9000)  # this file: cached reads from now on
+    finally:
+        reader.close()
+
+
+def test_direct_and_cached_reads_load_the_same_model(bv_f32, monkeypatch, tmp_path):
+    import shutil
+
+    from keras_paligemma2.checkpoints import common
+
+    local = tmp_path / bv_f32.name  # the fixture's file system may refuse O_DIRECT
+    shutil.copy(bv_f32, local)
+    monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1 << 62)
+    cached = PaliGemma2Backbone.from_preset(local)
+    monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1)
+    calls = []
+    real = common._FileReader._read_direct
+    monkeypatch.setattr(common._FileReader, "_read_direct", lambda self, *a: calls.append(a) or real(self, *a))
+    direct = PaliGemma2Backbone.from_preset(local)
+    if _direct_io_supported(tmp_path):
+        assert len(calls) > 10
+    for a, b in zip(cached.variables, direct.variables):
+        assert a.path == b.path
+        np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value), err_msg=a.path)
