@@ -2,6 +2,7 @@
 
     python benchmarks/load.py make DIR          # ~6 GB per format, random values
     python benchmarks/load.py measure DIR       # each load in a fresh process
+    python benchmarks/load.py time PATH [--warm] # one load, for A/B runs
 
 `make` writes a 3B-shaped (pg2_3b_224) bfloat16 checkpoint with the real
 tensor names and shapes, as a big_vision `.b16.npz` and as an HF transformers
@@ -12,6 +13,9 @@ dtype="bfloat16")` in a fresh process per format and reports wall time and
 peak RSS above the process's baseline after imports. The "floor" case reads
 the file into new memory that it keeps, the least any loader must do: on VMs
 where first-touching fresh memory is slow, that, not the disk, bounds loading.
+`time` runs one `from_preset` in a fresh process, the page cache dropped first
+(kept with `--warm`), without the `cat`s: to compare two checkouts in turn,
+`PYTHONPATH=CHECKOUT python benchmarks/load.py time PATH`.
 """
 
 import argparse
@@ -279,16 +283,30 @@ def measure(directory, with_keras_hub=True, only=None):
     return rows
 
 
+def time_one(path, warm=False):
+    dropped = warm or drop_page_cache()
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, "ours", path], capture_output=True, text=True, check=True
+    ).stdout.strip().splitlines()[-1]
+    result = json.loads(out)
+    above = result["peak"] - result["baseline"]
+    cache = "warm page cache" if warm else ("page cache dropped" if dropped else "page cache NOT dropped")
+    print(f"{path}: load {result['seconds']:.1f} s, peak RSS above baseline {above / 2**30:.2f} GiB, {cache}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["make", "measure"])
-    parser.add_argument("directory")
+    parser.add_argument("command", choices=["make", "measure", "time"])
+    parser.add_argument("directory", help="the benchmark directory (make, measure) or one checkpoint (time)")
+    parser.add_argument("--warm", action="store_true", help="keep the page cache (time)")
     parser.add_argument("--keras-hub", action="store_true", help="also write a keras-hub preset (make)")
     parser.add_argument("--skip-keras-hub", action="store_true", help="measure only our formats (measure)")
     parser.add_argument("--only", help="measure only the cases whose label contains this text (measure)")
     args = parser.parse_args()
     if args.command == "make":
         make(args.directory, args.keras_hub)
+    elif args.command == "time":
+        time_one(args.directory, args.warm)
     else:
         measure(args.directory, with_keras_hub=not args.skip_keras_hub, only=args.only)
 
