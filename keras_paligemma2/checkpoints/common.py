@@ -463,12 +463,12 @@ def _file_position(tensor):
 def _device_value(rule, tensor, variable, reader):
     """The converted tensor, ready for Keras' first-value path (`_initialize`).
 
-    Without a distribution, the bytes needed are read (one `readinto`, no
-    memory map) into a fresh 64-byte-aligned host buffer, which
-    `jax.device_put` adopts without a copy on CPU and copies once to an
-    accelerator; transposes and dtype casts then run on the device, where
-    XLA does them far faster than numpy does on bfloat16. Under a
-    `keras.distribution`, a contiguous host array goes to Keras, which
+    The bytes needed are read (`_FileReader`, no memory map) into a fresh
+    64-byte-aligned host buffer. Without a distribution, `jax.device_put`
+    adopts it without a copy on CPU and copies it once to an accelerator;
+    transposes and dtype casts then run on the device, where XLA does them
+    far faster than numpy does on bfloat16. Under a `keras.distribution`,
+    the converted, contiguous host array goes to Keras, which
     `jax.device_put`s it with the variable's sharding, so that each device
     receives only its shard.
     """
@@ -476,6 +476,11 @@ def _device_value(rule, tensor, variable, reader):
     raw = tensor.read()
     value = rule.convert(raw)
     if keras.distribution.distribution() is not None:
+        if tensor.location is not None and _maps_file(raw):
+            if value.flags.c_contiguous:
+                value = _aligned_copy(value, raw, tensor, reader)
+            else:
+                value = rule.convert(_aligned_copy(raw, raw, tensor, reader))
         return np.ascontiguousarray(np.asarray(value, dtype=dtype))
     if value.flags.c_contiguous:
         value = jax.device_put(_aligned_copy(value, raw, tensor, reader))

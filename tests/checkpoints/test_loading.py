@@ -169,3 +169,28 @@ def test_direct_and_cached_reads_load_the_same_model(bv_f32, monkeypatch, tmp_pa
     for a, b in zip(cached.variables, direct.variables):
         assert a.path == b.path
         np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value), err_msg=a.path)
+
+
+def test_direct_reads_under_a_distribution_place_the_same_values(bv_f32, monkeypatch, tmp_path):
+    import shutil
+
+    from keras_paligemma2.checkpoints import common
+
+    local = tmp_path / bv_f32.name
+    shutil.copy(bv_f32, local)
+    plain = PaliGemma2Backbone.from_preset(local)
+    monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1)
+    calls = []
+    real = common._FileReader._read_direct
+    monkeypatch.setattr(common._FileReader, "_read_direct", lambda self, *a: calls.append(a) or real(self, *a))
+    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map["token_embedding/embeddings"] = ("model", None)
+    layout_map["decoder_block_.*/attention/query/kernel"] = ("model", None, None)
+    with keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch").scope():
+        sharded = PaliGemma2Backbone.from_preset(local)
+    if _direct_io_supported(tmp_path):
+        assert len(calls) > 10
+    assert len(sharded.token_embedding.embeddings.value.sharding.device_set) == 8
+    for a, b in zip(plain.variables, sharded.variables):
+        np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value), err_msg=a.path)
