@@ -99,8 +99,10 @@ class DecoderAttention(keras.layers.Layer):
     (big_vision: `rsqrt_head_dim` for 3B/10B, `rsqrt_emb_per_head`, i.e.
     D/N = 144, for 28B).
 
-    `call(x, positions, attention_mask, kv_cache=None, cache_index=None)`:
-    without a cache, keys/values come from `x` and the output is returned.
+    `call(x, positions, attention_mask, kv_cache=None, cache_index=None,
+    last_only=False)`: without a cache, keys/values come from `x` and the
+    output is returned; `last_only` keeps keys/values of every position but
+    queries from the last one only (output (B, 1, D)).
     With `kv_cache` (B, 2, S, K, H), the new keys/values are written at
     `cache_index` and the updated cache is returned as the second output;
     attention runs over the whole cache when the mask has S key columns, or
