@@ -282,8 +282,9 @@ def load_model(cls, config, rules, tensors, source_name, ignored=(), progress=No
             prefetched = set()
             for rule in table + [None] * window:
                 if rule is not None:
-                    if rule.source not in prefetched:  # Kernel readahead hint,
-                        tensors[rule.source].prefetch(reader)  # for cached reads.
+                    if rule.source not in prefetched:
+                        # Kernel readahead hint (skipped for direct reads).
+                        tensors[rule.source].prefetch(reader)
                         prefetched.add(rule.source)
                     variable = variables[rule.target]
                     pending.append(
