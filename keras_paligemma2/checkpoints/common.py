@@ -357,8 +357,8 @@ class _FileReader:
     Reads of `_DIRECT_MIN_BYTES` or more bypass the page cache (`O_DIRECT`)
     where the file system allows it: the disk writes straight into the
     buffer that becomes the variable, instead of into page-cache pages that
-    are then copied. A cold 6 GB read into fresh memory took 3.7-4.4 s that
-    way against 9.3-9.5 s through the cache (2-core VM), and the host does
+    are then copied. A cold 6 GB read into fresh memory took 3.7-4.6 s that
+    way against 8.6-9.5 s through the cache (2-core VM), and the host does
     not hold a second, cached copy of the checkpoint beside the model. A
     file system that refuses `O_DIRECT` gets ordinary reads.
     """
