@@ -96,6 +96,16 @@ def _direct_io_supported(directory):
         return False
 
 
+def _count_direct_reads(monkeypatch):
+    """Lets `_FileReader._read_direct` run, noting each call in the list returned."""
+    from keras_paligemma2.checkpoints import common
+
+    calls = []
+    real = common._FileReader._read_direct
+    monkeypatch.setattr(common._FileReader, "_read_direct", lambda self, *a: calls.append(a) or real(self, *a))
+    return calls
+
+
 def test_direct_reads_give_the_file_bytes_at_any_offset(tmp_path, monkeypatch):
     from keras_paligemma2.checkpoints import common
 
@@ -160,9 +170,7 @@ def test_direct_and_cached_reads_load_the_same_model(bv_f32, monkeypatch, tmp_pa
     monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1 << 62)
     cached = PaliGemma2Backbone.from_preset(local)
     monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1)
-    calls = []
-    real = common._FileReader._read_direct
-    monkeypatch.setattr(common._FileReader, "_read_direct", lambda self, *a: calls.append(a) or real(self, *a))
+    calls = _count_direct_reads(monkeypatch)
     direct = PaliGemma2Backbone.from_preset(local)
     if _direct_io_supported(tmp_path):
         assert len(calls) > 10
@@ -180,9 +188,7 @@ def test_direct_reads_under_a_distribution_place_the_same_values(bv_f32, monkeyp
     shutil.copy(bv_f32, local)
     plain = PaliGemma2Backbone.from_preset(local)
     monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1)
-    calls = []
-    real = common._FileReader._read_direct
-    monkeypatch.setattr(common._FileReader, "_read_direct", lambda self, *a: calls.append(a) or real(self, *a))
+    calls = _count_direct_reads(monkeypatch)
     mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
     layout_map = keras.distribution.LayoutMap(mesh)
     layout_map["token_embedding/embeddings"] = ("model", None)
