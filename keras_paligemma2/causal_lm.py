@@ -91,7 +91,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         max_new_tokens=64,
         max_length=None,
         stop_token_ids="auto",
-        temperature=0.0,
+        temperature=None,
         top_k=None,
         top_p=None,
         seed=0,
@@ -113,10 +113,14 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             max_length: int or None; if given, the most prompt + generated
                 text tokens (keras-hub's meaning), replacing max_new_tokens.
             stop_token_ids: "auto" (`<eos>`), None, or a list of ids.
-            temperature: 0 (default) decodes greedily; above 0 samples from
-                the logits divided by it.
-            top_k, top_p: restrict sampling to the k most likely tokens, or
-                to the smallest set reaching probability p (nucleus).
+            temperature: float or None. 0 decodes greedily; above 0 samples
+                from the logits divided by it. None (default): greedy, or
+                1.0 when `top_k` / `top_p` is given (keras-hub's and
+                big_vision's samplers).
+            top_k: int or None; sample among the k most likely tokens.
+            top_p: float or None; sample from the smallest set of most
+                likely tokens whose probability reaches p (nucleus).
+                `top_k` / `top_p` with `temperature=0` are an error.
             seed: int, for reproducible sampling.
             beam_size: int; beam search with big_vision's semantics (summed
                 log-probabilities, no length normalisation; the best sequence
@@ -166,7 +170,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         if not hasattr(self, "_decoder"):
             self._decoder = Decoder(self)
         if beam_size is not None:
-            if temperature or top_k or top_p:
+            if temperature or top_k is not None or top_p is not None:
                 raise ValueError("beam_size searches; it takes no temperature, top_k or top_p.")
             if not stop_token_ids:
                 raise ValueError("Beam search needs a stop token (the end of a finished sequence).")

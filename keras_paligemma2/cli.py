@@ -69,7 +69,11 @@ def _sampling(args):
 
 def _add_sampling_arguments(parser):
     parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default)")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        help="0 decodes greedily; default: greedy, or 1.0 with --top-k / --top-p",
+    )
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     parser.add_argument("--top-p", type=float, help="sample within probability p (nucleus)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

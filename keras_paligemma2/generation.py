@@ -52,23 +52,38 @@ class Sampler:
     """How the next token is chosen from the logits.
 
     Args:
-        temperature: logits are divided by it before sampling; 0 (or
-            `greedy=True`) picks the most likely token.
-        top_k: sample among the k most likely tokens only.
-        top_p: sample from the smallest set of most likely tokens whose
-            probability reaches p (nucleus sampling).
+        temperature: float or None. Logits are divided by it before
+            sampling; 0 picks the most likely token (greedy). None (the
+            default) means greedy without `top_k` / `top_p` and 1.0 with
+            either, as keras-hub's `TopKSampler` / `TopPSampler` and
+            big_vision's samplers sample at temperature 1 unless told.
+        top_k: int or None; sample among the k most likely tokens only.
+        top_p: float in (0, 1] or None; sample from the smallest set of
+            most likely tokens whose probability reaches p (nucleus).
         seed: int, for reproducible sampling.
+
+    `top_k` / `top_p` with `temperature=0` cannot mean anything (greedy
+    decoding has nothing to restrict) and are refused rather than ignored.
     """
 
-    def __init__(self, temperature=0.0, top_k=None, top_p=None, seed=0):
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0; got {temperature}.")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1; got {top_k}.")
+    def __init__(self, temperature=None, top_k=None, top_p=None, seed=0):
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}.")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1]; got {top_p}.")
+        restricted = top_k is not None or top_p is not None
+        if temperature is None:
+            temperature = 1.0 if restricted else 0.0
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0; got {temperature}.")
+        if temperature == 0 and restricted:
+            raise ValueError(
+                "top_k / top_p restrict sampling, but temperature=0 decodes "
+                "greedily, so they would be ignored. Give a temperature > 0 "
+                "(or leave it unset for 1.0), or drop top_k / top_p."
+            )
         self.temperature = float(temperature)
-        self.top_k = top_k
+        self.top_k = None if top_k is None else int(top_k)
         self.top_p = top_p
         self.seed = int(seed)
 

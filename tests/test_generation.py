@@ -202,6 +202,64 @@ def test_sampler_restrictions_on_known_logits():
         Sampler(1.0, top_p=1.5)
 
 
+def test_top_k_and_top_p_sample_at_temperature_one_unless_given():
+    import jax
+    import jax.numpy as jnp
+
+    from keras_paligemma2.generation import Sampler
+
+    # keras-hub's TopKSampler / TopPSampler and big_vision's samplers sample
+    # at temperature 1 when none is given; they never decode greedily.
+    assert Sampler(top_k=2).temperature == 1.0
+    assert Sampler(top_p=0.9).temperature == 1.0
+    assert Sampler().greedy and not Sampler(top_k=3).greedy
+    assert Sampler(0.5, top_k=3).temperature == 0.5
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(1), 400)
+    drawn = np.array([int(Sampler(top_k=2)(logits, k)[0]) for k in keys])
+    assert set(drawn) == {0, 1}  # Both kept tokens drawn: not greedy.
+    assert abs((drawn == 0).mean() - 0.5 / 0.8) < 0.08  # Temperature 1.
+    drawn = np.array([int(Sampler(top_p=0.9)(logits, k)[0]) for k in keys])
+    assert set(drawn) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("restriction", [dict(top_k=4), dict(top_p=0.9)])
+def test_restricted_sampling_at_temperature_zero_is_refused(restriction):
+    from keras_paligemma2.generation import Sampler
+
+    with pytest.raises(ValueError, match="temperature=0 decodes greedily"):
+        Sampler(0.0, **restriction)
+
+
+def test_top_k_must_be_a_positive_integer():
+    from keras_paligemma2.generation import Sampler
+
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="top_k"):
+            Sampler(top_k=bad)
+
+
+def test_generate_with_top_k_alone_samples(random_lm):
+    rng = np.random.default_rng(13)
+    inputs = {
+        "images": rng.uniform(-1, 1, (1, 28, 28, 3)).astype("float32"),
+        "token_ids": np.array([[2, 5, 6]]),
+        "padding_mask": np.array([[1, 1, 1]]),
+    }
+    greedy = random_lm.generate(inputs, max_new_tokens=16, stop_token_ids=None)["token_ids"]
+    drawn = [
+        random_lm.generate(inputs, max_new_tokens=16, stop_token_ids=None, top_k=50, seed=s)["token_ids"]
+        for s in range(6)
+    ]
+    assert any((d != greedy).any() for d in drawn)
+    at_one = random_lm.generate(
+        inputs, max_new_tokens=16, stop_token_ids=None, top_k=50, temperature=1.0, seed=5
+    )["token_ids"]
+    np.testing.assert_array_equal(drawn[5], at_one)
+    with pytest.raises(ValueError, match="temperature=0"):
+        random_lm.generate(inputs, max_new_tokens=6, temperature=0.0, top_p=0.5)
+
+
 def test_sampling_is_reproducible_and_differs_from_greedy(random_lm):
     rng = np.random.default_rng(11)
     inputs = {
