@@ -4,13 +4,17 @@ Each metric takes a prediction string and the list of accepted answers of
 one example and returns a float in [0, 1]; `METRICS` maps their names to
 them and `score(metric, predictions, answers)` averages over a data set.
 
-  exact_match: the prediction, stripped, equals an answer.
+  exact_match: the prediction equals an answer, character for character (big_vision's
+      VQA evaluator, `transfers/vqa.py`: `answer == gt`, its `acc` for one
+      answer and `acc_any` for several; no stripping, as there).
   relaxed_accuracy: ChartQA's, as big_vision's ChartQA evaluator computes
       it: a number ("12.5", "40%") may be off by 5% of a non-zero numeric
       answer; otherwise the strings must be equal.
-  anls: DocVQA's average normalised Levenshtein similarity: 1 - distance /
-      longer length, over lower-cased stripped strings, 0 when that
-      normalised distance is 0.5 or more; best answer.
+  anls: DocVQA's average normalised Levenshtein similarity, as big_vision's
+      `anls_metric` under the DocVQA/InfoVQA configs (`to_lower=True`):
+      1 - distance / longer length over the lower-cased strings (nothing
+      stripped or collapsed), 0 when that normalised distance is 0.5 or more;
+      an empty answer counts 1 only for an empty prediction; best answer.
   vqa_accuracy: VQAv2's, as big_vision's VQAv2 evaluator computes it: an
       answer counts fully once 3 annotators gave it, averaged over the ten
       leave-one-annotator-out subsets, after the official normalisation
@@ -18,8 +22,9 @@ them and `score(metric, predictions, answers)` averages over a data set.
       answer: normalised exact match.
   cider: COCO captions' CIDEr-D over the whole data set (document
       frequencies come from all references), as the COCO caption evaluation
-      (pycocoevalcap, which big_vision uses) computes it, after
-      `coco_caption_tokens`; reported x 1 (the papers print x 100).
+      (pycocoevalcap, which big_vision uses) computes it, after its PTB
+      tokenizer (Java; `tokenize="python"` for `coco_caption_tokens`, an
+      approximation without Java); reported x 1 (the papers print x 100).
   box_iou: detection/referring output (`<loc>` tokens): the fraction of
       answer boxes matched by a predicted box of the same label at IoU >= 0.5
       (RefCOCO's accuracy when each example has one box); answers are in the
@@ -39,7 +44,7 @@ from keras_paligemma2.task_outputs import parse_detections
 
 
 def exact_match(prediction, answers):
-    return float(prediction.strip() in [a.strip() for a in answers])
+    return float(any(prediction == answer for answer in answers))
 
 
 def _number(text):
@@ -174,7 +179,36 @@ def _ngram_counts(tokens, max_n):
     return collections.Counter(tuple(tokens[i : i + n]) for n in range(1, max_n + 1) for i in range(len(tokens) - n + 1))
 
 
-def cider(predictions, references, max_n=4, sigma=6.0, tokenize=coco_caption_tokens):
+def ptb_tokenize(texts):
+    """`texts` tokenized by pycocoevalcap's `PTBTokenizer` (Stanford's Java
+    PTB tokenizer, lower-cased, punctuation dropped), as big_vision's COCO
+    caption evaluator tokenizes before scoring. Needs `pycocoevalcap` and a
+    Java runtime."""
+    import shutil
+
+    try:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    except ImportError as error:
+        raise ValueError(
+            "CIDEr with tokenize='ptb' (the COCO evaluation's tokenizer) needs "
+            "pycocoevalcap: `pip install pycocoevalcap` (and a Java runtime), "
+            "or pass tokenize='python' for this package's approximation."
+        ) from error
+    if shutil.which("java") is None:
+        raise ValueError(
+            "CIDEr with tokenize='ptb' runs Stanford's Java PTB tokenizer, and no "
+            "`java` is on PATH: install a Java runtime (e.g. apt-get install "
+            "default-jre-headless), or pass tokenize='python' for this "
+            "package's approximation."
+        )
+    tokenized = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
+    return [tokenized[i][0].split() for i in range(len(texts))]
+
+
+CAPTION_TOKENIZERS = ("ptb", "python")
+
+
+def cider(predictions, references, max_n=4, sigma=6.0, tokenize="ptb"):
     """CIDEr-D of `predictions` (one string each) against `references` (a
     list of strings each): (data-set score, per-example scores).
 
@@ -182,13 +216,25 @@ def cider(predictions, references, max_n=4, sigma=6.0, tokenize=coco_caption_tok
     log(examples / examples whose references hold the n-gram), per-n cosine
     similarity with the prediction's weights clipped to the reference's, a
     Gaussian length penalty (`sigma`; length counted in bigrams, as there),
-    averaged over n and references, x 10. `tokenize=str.split` for text that
-    is already tokenized.
+    averaged over n and references, x 10.
+
+    `tokenize`: "ptb" (default: pycocoevalcap's Java PTB tokenizer, as
+    big_vision's COCO caption evaluator), "python" (`coco_caption_tokens`,
+    no Java needed; equal on ordinary captions, not on rarer forms such as
+    "gonna", "'tis", "10%" or a final "mr."), or a function from a string to
+    its tokens (`str.split` for text already tokenized).
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} examples.")
     if any(not refs for refs in references):
         raise ValueError("CIDEr needs at least one reference caption for every example.")
+    if tokenize == "ptb":
+        flat = list(predictions) + [r for refs in references for r in refs]
+        tokenize = dict(zip(flat, ptb_tokenize(flat))).__getitem__
+    elif tokenize == "python":
+        tokenize = coco_caption_tokens
+    elif not callable(tokenize):
+        raise ValueError(f"tokenize must be one of {CAPTION_TOKENIZERS} or a function; got {tokenize!r}.")
     hypotheses = [_ngram_counts(tokenize(p), max_n) for p in predictions]
     references = [[_ngram_counts(tokenize(r), max_n) for r in refs] for refs in references]
     document_frequency = collections.Counter(g for refs in references for g in set().union(*refs))
@@ -229,12 +275,14 @@ def levenshtein(a, b):
 
 
 def anls(prediction, answers, threshold=0.5):
+    got = prediction.lower()
     best = 0.0
-    got = " ".join(prediction.strip().lower().split())
     for answer in answers:
-        want = " ".join(answer.strip().lower().split())
-        longest = max(len(got), len(want))
-        distance = levenshtein(got, want) / longest if longest else 0.0
+        want = answer.lower()
+        if not want:
+            best = max(best, float(got == ""))
+            continue
+        distance = levenshtein(want, got) / max(len(want), len(got))
         best = max(best, 1.0 - distance if distance < threshold else 0.0)
     return best
 

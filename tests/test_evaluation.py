@@ -15,8 +15,10 @@ def test_levenshtein_classic_examples():
     assert evaluation.levenshtein("", "abc") == 3
 
 
-def test_exact_match_strips_only_whitespace():
-    assert evaluation.exact_match(" 3 ", ["4", "3"]) == 1.0
+def test_exact_match_is_big_vision_string_equality():
+    # big_vision's VQA evaluator compares `answer == gt`: nothing stripped.
+    assert evaluation.exact_match("3", ["4", "3"]) == 1.0
+    assert evaluation.exact_match(" 3 ", ["4", "3"]) == 0.0
     assert evaluation.exact_match("Cat", ["cat"]) == 0.0
 
 
@@ -32,7 +34,10 @@ def test_relaxed_accuracy_as_big_vision_chartqa():
 
 
 def test_anls_as_docvqa():
-    assert evaluation.anls("The  Cat", ["the cat"]) == 1.0
+    assert evaluation.anls("The Cat", ["the cat"]) == 1.0
+    # Whitespace counts as characters, as in big_vision's `anls_metric`.
+    assert evaluation.anls("the  cat", ["the cat"]) == pytest.approx(1 - 1 / 8)
+    assert evaluation.anls("", [""]) == 1.0 and evaluation.anls("x", [""]) == 0.0
     assert evaluation.anls("helo", ["hello"]) == pytest.approx(0.8)  # 1 edit over 5 characters
     assert evaluation.anls("3.00", ["3"]) == 0.0  # normalised distance 0.75 >= 0.5
     assert evaluation.anls("abc", ["xyz", "abd"]) == pytest.approx(2 / 3)  # the best answer counts
@@ -101,16 +106,17 @@ def test_coco_caption_tokens_match_the_ptb_tokenizer(fixtures_dir):
 def test_cider_matches_pycocoevalcap(fixtures_dir):
     reference = json.loads((fixtures_dir / "cider_pycocoevalcap_reference.json").read_text())["cider"]
     # From raw text (our tokenizer) and from PTB's tokens: the same scores.
-    corpus, scores = evaluation.cider(reference["predictions"], reference["references"])
-    assert corpus == pytest.approx(reference["corpus"], abs=1e-12)
-    np.testing.assert_allclose(scores, reference["scores"], atol=1e-12)
+    for tokenize in ("ptb", "python"):
+        corpus, scores = evaluation.cider(reference["predictions"], reference["references"], tokenize=tokenize)
+        assert corpus == pytest.approx(reference["corpus"], abs=1e-12)
+        np.testing.assert_allclose(scores, reference["scores"], atol=1e-12)
     corpus, _ = evaluation.cider(reference["tokenized_predictions"], reference["tokenized_references"], tokenize=str.split)
     assert corpus == pytest.approx(reference["corpus"], abs=1e-12)
     assert evaluation.score("cider", reference["predictions"], reference["references"]) == pytest.approx(corpus)
 
 
 def test_cider_matches_pycocoevalcap_on_random_corpora():
-    cider_module = pytest.importorskip("pycocoevalcap.cider.cider")
+    from pycocoevalcap.cider import cider as cider_module  # The test extra installs it.
     rng = np.random.default_rng(0)
     words = "a the red blue dog cat on under big small runs sits".split()
     sentence = lambda: " ".join(rng.choice(words, rng.integers(1, 9)))  # noqa: E731
@@ -124,6 +130,42 @@ def test_cider_matches_pycocoevalcap_on_random_corpora():
         got, scores = evaluation.cider(predictions, references, tokenize=str.split)
         assert got == pytest.approx(want, abs=1e-12)
         np.testing.assert_allclose(scores, want_scores, atol=1e-12)
+
+
+def test_cider_tokenizes_with_the_live_ptb_tokenizer():
+    # pycocoevalcap's PTBTokenizer runs Stanford's Java tokenizer, as
+    # big_vision's COCO caption evaluator calls it.
+    import shutil
+
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    if shutil.which("java") is None:
+        pytest.skip("pycocoevalcap's PTB tokenizer needs Java (apt-get install default-jre-headless)")
+    captions = [
+        "A man's dog, \"Rex\", isn't (really) big.",
+        "Two cats sit on a mat; one sleeps!",
+        "The U.S. flag costs $3.50 at 5:30 p.m.",
+        "gonna see 'tis 10% off: don't miss it, mr.",
+        "a  red   circle -- and a blue-ish square...",
+    ]
+    references = [[c, captions[(i + 1) % len(captions)]] for i, c in enumerate(captions)]
+    predictions = captions[2:] + captions[:2]
+    refs = PTBTokenizer().tokenize({i: [{"caption": r} for r in rs] for i, rs in enumerate(references)})
+    preds = PTBTokenizer().tokenize({i: [{"caption": p}] for i, p in enumerate(predictions)})
+    want, want_scores = Cider().compute_score(refs, preds)
+    got, scores = evaluation.cider(predictions, references)
+    assert got == pytest.approx(want, abs=1e-12)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-12)
+    # The Java-free approximation differs on the rarer forms of line 4.
+    assert evaluation.ptb_tokenize([captions[3]])[0] != evaluation.coco_caption_tokens(captions[3])
+    python_score, _ = evaluation.cider(predictions, references, tokenize="python")
+    assert python_score != pytest.approx(want, abs=1e-9)
+
+
+def test_cider_refuses_an_unknown_tokenizer():
+    with pytest.raises(ValueError, match="tokenize must be one of"):
+        evaluation.cider(["a"], [["a"]], tokenize="nltk")
 
 
 def test_cider_worked_properties():
