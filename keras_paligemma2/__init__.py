@@ -30,6 +30,7 @@ from keras_paligemma2.presets import list_presets  # noqa: E402
 from keras_paligemma2.task_outputs import MaskDecoder  # noqa: E402
 from keras_paligemma2.task_outputs import parse_detections  # noqa: E402
 from keras_paligemma2.tokenizer import PaliGemma2Tokenizer  # noqa: E402
+from keras_paligemma2.training import ResponseAccuracy  # noqa: E402
 from keras_paligemma2.training import ResponseCrossEntropy  # noqa: E402
 from keras_paligemma2.training import TrainingCheckpoint  # noqa: E402
 from keras_paligemma2.training import big_vision_optimizer  # noqa: E402
@@ -44,6 +45,7 @@ __all__ = [
     "PaliGemma2ImageConverter",
     "PaliGemma2Tokenizer",
     "MaskDecoder",
+    "ResponseAccuracy",
     "ResponseCrossEntropy",
     "TrainingCheckpoint",
     "attention_implementation",

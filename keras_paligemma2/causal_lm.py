@@ -303,6 +303,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         *,
         weighted_metrics="auto",
         label_smoothing=0.0,
+        loss_normalization="per_example",
         remat=False,
         **kwargs,
     ):
@@ -313,9 +314,15 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 clipped at 1.0), or any Keras optimizer; for big_vision's
                 recipe pass `keras_paligemma2.big_vision_optimizer(steps)`.
             loss: "auto": `ResponseCrossEntropy`, cross-entropy on response
-                and `<eos>` tokens divided by their number.
-            weighted_metrics: "auto": next-token accuracy on the same tokens.
-            label_smoothing: float in [0, 1), for the "auto" loss.
+                and `<eos>` tokens, as big_vision's training loss.
+            weighted_metrics: "auto": `ResponseAccuracy`, next-token
+                accuracy on the same tokens, normalised as the loss.
+            label_smoothing: float in [0, 1), big_vision's smoothing, for
+                the "auto" loss.
+            loss_normalization: "per_example" (default; big_vision: each
+                example's mean over its own response tokens, then the batch
+                mean) or "per_token" (one mean over the batch's response
+                tokens), for the "auto" loss and metric.
             remat: recompute each decoder and ViT block's activations in the
                 backward pass instead of keeping them (less memory, about a
                 third more compute).
@@ -324,16 +331,17 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         For mixed precision build or load the model with
         `dtype="mixed_bfloat16"` (float32 weights, bfloat16 compute).
         """
+        from keras_paligemma2.training import ResponseAccuracy
         from keras_paligemma2.training import ResponseCrossEntropy
 
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(2e-5, global_clipnorm=1.0)
         if loss == "auto":
-            loss = ResponseCrossEntropy(label_smoothing=label_smoothing)
-        elif label_smoothing:
-            raise ValueError("label_smoothing applies to the 'auto' loss only.")
+            loss = ResponseCrossEntropy(label_smoothing, loss_normalization)
+        elif label_smoothing or loss_normalization != "per_example":
+            raise ValueError("label_smoothing and loss_normalization apply to the 'auto' loss only.")
         if weighted_metrics == "auto":
-            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+            weighted_metrics = [ResponseAccuracy(loss_normalization)]
         self.backbone.set_remat(remat)
         keras.Model.compile(
             self, optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs
