@@ -206,8 +206,10 @@ def make_attention_mask(
             key_positions = ops.cumsum(ops.ones_like(key_blocks), axis=1)
         distance = query_positions[:, :, None] - key_positions[:, None, :]
         in_window = distance < sliding_window
-        both_prefix = (query_blocks[:, :, None] == 0) & (
-            key_blocks[:, None, :] == 0
+        # ops.equal, not `==`: on symbolic KerasTensors (the functional
+        # backbone) `==` is Python's identity test and gives plain False.
+        both_prefix = ops.equal(query_blocks[:, :, None], 0) & ops.equal(
+            key_blocks[:, None, :], 0
         )
         mask = mask & (in_window | both_prefix)
     return mask

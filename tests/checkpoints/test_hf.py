@@ -159,3 +159,83 @@ def test_unknown_directory(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="neither an HF transformers"):
         PaliGemma2Backbone.from_preset(tmp_path)
+
+
+# hf_window: transformers 5.24 with the image + prefix block (16 tokens)
+# longer than the sliding window (8), as every 896 px checkpoint (4,096 image
+# tokens against a 4,096 window). Made by tests/fixtures/gen/hf_past_window.py.
+
+
+@pytest.fixture(scope="module")
+def window_reference():
+    from conftest import FIXTURES
+
+    return np.load(FIXTURES / "hf_window" / "reference.npz")
+
+
+@pytest.fixture(scope="module")
+def window_lm():
+    from conftest import FIXTURES
+
+    return PaliGemma2CausalLM.from_preset(FIXTURES / "hf_window")
+
+
+def test_masks_past_the_window_equal_hf(window_reference):
+    from keras_paligemma2.attention import make_attention_mask
+
+    ref = window_reference
+    valid = ref["attention_mask"]
+    # HF's blocks: image + prefix (token type 0) one bidirectional block,
+    # each suffix token its own causal block.
+    blocks = np.cumsum(ref["token_type_ids"], axis=1) * valid
+    for window, name in ((8, "mask_sliding"), (None, "mask_full")):
+        mask = np.asarray(make_attention_mask(valid, blocks, sliding_window=window))
+        real = valid.astype(bool)[:, :, None] & valid.astype(bool)[:, None, :]
+        # Rows of padded queries are never read; compare real query rows.
+        np.testing.assert_array_equal(mask[real], ref[name][real])
+
+
+def test_logits_past_the_window_equal_hf(window_lm, window_reference):
+    ref = window_reference
+    ids = ref["input_ids"][:, NUM_IMAGE_TOKENS:]
+    valid = ref["attention_mask"][:, NUM_IMAGE_TOKENS:]
+    logits = np.asarray(
+        window_lm(
+            {
+                "images": ref["pixel_values"].transpose(0, 2, 3, 1),
+                "token_ids": ids,
+                "padding_mask": valid,
+                "response_mask": ref["token_type_ids"][:, NUM_IMAGE_TOKENS:],
+            }
+        )
+    )
+    want = ref["logits"][:, NUM_IMAGE_TOKENS:, :VOCABULARY]
+    real = valid.astype(bool)
+    # Logits of size ~30 (soft-capped) in float32: 1e-4.
+    assert np.abs(logits[real] - want[real]).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gen", "gen2"])
+def test_generation_past_the_window_equals_hf(window_lm, window_reference, name):
+    ref = window_reference
+    prompts = ref[f"{name}_prompt_ids"]
+    attention = ref[f"{name}_attention_mask"].astype(bool)
+    # HF left-pads; ours takes left-aligned prompts (ones then zeros).
+    rows = [p[a][NUM_IMAGE_TOKENS:] for p, a in zip(prompts, attention)]
+    width = max(len(r) for r in rows)
+    token_ids = np.zeros((len(rows), width), "int32")
+    padding_mask = np.zeros((len(rows), width), "int32")
+    for i, r in enumerate(rows):
+        token_ids[i, : len(r)], padding_mask[i, : len(r)] = r, 1
+    images = ref["pixel_values"][: len(rows)].transpose(0, 2, 3, 1)
+    out = window_lm.generate(
+        {"images": images, "token_ids": token_ids, "padding_mask": padding_mask},
+        max_new_tokens=10,
+        stop_token_ids=None,
+        return_logits=True,
+    )
+    np.testing.assert_array_equal(out["token_ids"], ref[f"{name}_output_ids"])
+    # HF's `output_logits` (soft-capped, every step; prefill then decode
+    # steps whose sliding layers see only the last 8 positions).
+    want = ref[f"{name}_step_logits"][..., :VOCABULARY]
+    assert np.abs(out["logits"] - want).max() < 1e-4
