@@ -96,6 +96,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         top_p=None,
         seed=0,
         beam_size=None,
+        return_logits=False,
     ):
         """Decoding after a bidirectional prefill of image + prompt.
 
@@ -125,6 +126,10 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             beam_size: int; beam search with big_vision's semantics (summed
                 log-probabilities, no length normalisation; the best sequence
                 that ends with the first stop token) instead of sampling.
+            return_logits: bool; token ids in (no preprocessor) only: also
+                return `"logits"` (B, N, V) float32, the logits each step
+                chose from (final soft-cap as configured; 0 after every row
+                stopped).
 
         Rows of a batch may have prompts of different lengths: each gives
         exactly what it gives alone. Prompt lengths are rounded up to a
@@ -167,6 +172,11 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         if stop_token_ids == "auto":
             end = self.preprocessor.tokenizer.end_token_id if self.preprocessor else 1
             stop_token_ids = [end]
+        if return_logits and (self.preprocessor is not None or beam_size is not None):
+            raise ValueError(
+                "return_logits=True is for sampling or greedy decoding from "
+                "token ids (a task without preprocessor), not for text or beam search."
+            )
         if not hasattr(self, "_decoder"):
             self._decoder = Decoder(self)
         if beam_size is not None:
@@ -178,13 +188,22 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 images, token_ids, padding_mask, max_new_tokens, beam_size, stop_token_ids[0]
             )
         else:
-            tokens, _ = self._decoder(
-                images, token_ids, padding_mask, max_new_tokens, stop_token_ids or [], sampler
+            tokens, logits = self._decoder(
+                images,
+                token_ids,
+                padding_mask,
+                max_new_tokens,
+                stop_token_ids or [],
+                sampler,
+                step_logits=return_logits,
             )
         tokens = np.asarray(tokens)
         mask = _until_stop(tokens, stop_token_ids or [])
         if self.preprocessor is None:
-            return {"token_ids": tokens, "padding_mask": mask}
+            out = {"token_ids": tokens, "padding_mask": mask}
+            if return_logits:
+                out["logits"] = np.asarray(logits)
+            return out
         texts = []
         for row, row_mask in zip(tokens, mask):
             kept = [int(t) for t, m in zip(row, row_mask) if m and int(t) not in (stop_token_ids or [])]

@@ -120,29 +120,44 @@ class Decoder:
         self.backbone = causal_lm.backbone
         self._compiled = {}
 
-    def __call__(self, images, token_ids, padding_mask, max_new_tokens, stop_token_ids, sampler=None):
-        """Returns (new tokens (B, max_new_tokens), first-step logits (B, V)).
+    def __call__(
+        self,
+        images,
+        token_ids,
+        padding_mask,
+        max_new_tokens,
+        stop_token_ids,
+        sampler=None,
+        step_logits=False,
+    ):
+        """Returns (new tokens (B, max_new_tokens), logits).
 
-        Tokens after a row's stop token are the pad id 0.
+        Tokens after a row's stop token are the pad id 0. The logits are the
+        first step's (B, V), or with `step_logits=True` those every step
+        chose from (B, max_new_tokens, V), final soft-cap as configured
+        (0 for steps after every row stopped).
         """
         sampler = sampler or Sampler()
         aligned, valid = right_align(token_ids, padding_mask)
         stop = np.asarray(sorted(set(stop_token_ids)) or [-1], np.int32)
-        key = (aligned.shape, int(max_new_tokens), tuple(stop), sampler.key())
+        key = (aligned.shape, int(max_new_tokens), tuple(stop), sampler.key(), bool(step_logits))
         if key not in self._compiled:
             self._compiled[key] = jax.jit(
                 functools.partial(
-                    self._generate, max_new_tokens=int(max_new_tokens), sampler=sampler
+                    self._generate,
+                    max_new_tokens=int(max_new_tokens),
+                    sampler=sampler,
+                    step_logits=bool(step_logits),
                 )
             )
         values = [v.value for v in self.backbone.variables]
         rng = jax.random.key(sampler.seed)
         return self._compiled[key](values, jnp.asarray(images), aligned, valid, stop, rng)
 
-    def _generate(self, values, images, token_ids, valid, stop, rng, max_new_tokens, sampler):
+    def _generate(self, values, images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits):
         backbone = self.backbone
         with keras.StatelessScope(state_mapping=list(zip(backbone.variables, values))):
-            return self._decode(images, token_ids, valid, stop, rng, max_new_tokens, sampler)
+            return self._decode(images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits)
 
     def _prefill(self, images, token_ids, valid, max_new_tokens):
         """Image + prompt as one bidirectional block into a fresh cache.
@@ -240,33 +255,42 @@ class Decoder:
         b = self.backbone
         return {b.is_local_layer(i, b.sliding_window_size) for i in range(b.num_layers)}
 
-    def _decode(self, images, token_ids, valid, stop, rng, max_new_tokens, sampler):
+    def _decode(self, images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits):
         batch, prompt_len = token_ids.shape
         prefill_len = self.backbone.num_image_tokens + prompt_len
         first_logits, state = self._prefill(images, token_ids, valid, max_new_tokens)
         rng, pick = jax.random.split(rng)
         token = sampler(first_logits, pick)
+        # Greedy steps skip the final soft-cap (the argmax is the same),
+        # unless the logits themselves are returned.
+        soft_cap = step_logits or not sampler.greedy
+        if step_logits:
+            recorded = jnp.zeros((batch, max_new_tokens, first_logits.shape[-1]), jnp.float32)
+            recorded = recorded.at[:, 0].set(first_logits)
+        else:
+            recorded = first_logits
 
         # `token` was just chosen and stored at `index`; a step feeds it,
         # chooses the next and stores it at index + 1: n tokens, n - 1 steps.
         def step(carry):
-            index, token, done, state, output, rng = carry
-            # Greedy steps skip the final soft-cap: the argmax is the same.
-            logits, state = self._extend(token, index, state, prefill_len, soft_cap=not sampler.greedy)
+            index, token, done, state, output, recorded, rng = carry
+            logits, state = self._extend(token, index, state, prefill_len, soft_cap=soft_cap)
             rng, pick = jax.random.split(rng)
             next_token = sampler(logits, pick)
             output = output.at[:, index + 1].set(jnp.where(done, 0, next_token))
+            if step_logits:
+                recorded = recorded.at[:, index + 1].set(logits.astype(jnp.float32))
             done = done | jnp.isin(next_token, stop)
-            return index + 1, next_token, done, state, output, rng
+            return index + 1, next_token, done, state, output, recorded, rng
 
         def keep_going(carry):
             index, _, done, *_ = carry
             return (index + 1 < max_new_tokens) & ~jnp.all(done)
 
         output = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
-        carry = (jnp.int32(0), token, jnp.isin(token, stop), state, output, rng)
+        carry = (jnp.int32(0), token, jnp.isin(token, stop), state, output, recorded, rng)
         carry = jax.lax.while_loop(keep_going, step, carry)
-        return carry[-2], first_logits
+        return carry[4], carry[5]
 
     def beam_search(self, images, token_ids, padding_mask, max_new_tokens, beam_size, eos):
         """big_vision's beam search (`predict_fns._beam_decode`), one compiled loop.
