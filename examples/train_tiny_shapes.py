@@ -297,8 +297,15 @@ def main():
             variable.trainable = False
     total = args.epochs * args.steps_per_epoch
     lm.compile(
+        # The shipped model was trained with decay lr x wd on every weight
+        # (Keras AdamW); big_vision's decay is scaled by the schedule alone
+        # and masked, so the same recipe is wd x lr on every parameter.
         optimizer=big_vision_optimizer(
-            total, learning_rate=args.learning_rate, warmup_fraction=0.02, weight_decay=args.weight_decay
+            total,
+            learning_rate=args.learning_rate,
+            warmup_fraction=0.02,
+            weight_decay=args.weight_decay * args.learning_rate,
+            weight_decay_mults=((".*", 1.0),),
         )
     )
     done = checkpoint.completed_epochs()

@@ -304,13 +304,87 @@ def test_mixed_bfloat16_keeps_float32_weights(tokenizer_proto):
     assert all(v.dtype == "float32" for v in lm.trainable_variables)
 
 
-def test_big_vision_schedule_warms_up_then_decays_to_zero():
-    schedule = big_vision_schedule(total_steps=100, learning_rate=1e-3, warmup_fraction=0.1)
-    rates = [float(schedule(step)) for step in (0, 5, 10, 55, 100)]
-    assert rates[0] == 0 and rates[1] == pytest.approx(5e-4) and rates[2] == pytest.approx(1e-3)
-    assert rates[3] == pytest.approx(5e-4, rel=1e-3) and rates[4] == pytest.approx(0, abs=1e-9)
-    optimizer = big_vision_optimizer(total_steps=100, learning_rate=1e-3)
-    assert optimizer.global_clipnorm == 1.0 and isinstance(optimizer, keras.optimizers.Adam)
+def _big_vision_optax(fixtures_dir):
+    # big_vision's `optax.make` + 10 jitted updates on the bv_tiny params,
+    # written by tests/fixtures/gen/big_vision_pp_loss_optax.py.
+    return np.load(fixtures_dir / "big_vision_optax" / "reference.npz")
+
+
+def test_big_vision_schedule_equals_big_vision(fixtures_dir):
+    reference = _big_vision_optax(fixtures_dir)
+    schedule = big_vision_schedule(total_steps=10, learning_rate=1.0, warmup_fraction=0.2)
+    got = [float(schedule(c)) for c in range(11)]
+    np.testing.assert_allclose(got, reference["wd_default/schedule_count0to10"], atol=1e-7)
+    # big_vision's warmup rounding: half to even, at least one step.
+    from keras_paligemma2.training import big_vision_warmup_steps
+
+    assert [big_vision_warmup_steps(10, f) for f in (0.0, 0.05, 0.15, 0.25)] == [0, 1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "config, weight_decay, mults",
+    [
+        ("wd_default", 0.1, None),
+        ("wd_all", 0.1, ((".*", 1.0),)),
+        ("wd0", 0.0, None),
+    ],
+)
+def test_big_vision_optimizer_follows_big_vision_optax(fixtures_dir, config, weight_decay, mults):
+    from keras_paligemma2.checkpoints import big_vision
+    from keras_paligemma2.checkpoints.common import read_npz_lazily
+
+    reference = _big_vision_optax(fixtures_dir)
+    checkpoint = fixtures_dir / "bv_tiny" / "tiny_f32.npz"
+    backbone = PaliGemma2Backbone.from_preset(checkpoint)
+    variables = list(backbone.trainable_variables)
+    table = {rule.target: rule for rule in big_vision.rules(backbone.get_config())}
+    assert set(table) == {v.path for v in variables}
+    names = {v.path: "params/" + table[v.path].source for v in variables}
+
+    def per_variable(tree_prefix, v):
+        return np.asarray(table[v.path].convert(reference[f"{tree_prefix}/{names[v.path]}"]))
+
+    kwargs = {} if mults is None else {"weight_decay_mults": mults}
+    optimizer = big_vision_optimizer(
+        total_steps=10, learning_rate=1e-2, warmup_fraction=0.2, weight_decay=weight_decay, **kwargs
+    )
+    a, b = reference["grads/a"], reference["grads/b"]
+    snapshots = sorted(int(k.split("/step")[1].split("/")[0]) for k in reference if k.startswith(f"{config}/step") and k.endswith("/params/img/head/kernel"))
+    assert snapshots[-1] == 10
+    start = {v.path: np.array(v.value) for v in variables}
+    for step in range(1, 11):
+        grads = [
+            np.float32(a[step - 1]) * per_variable("grads/G1", v).astype(np.float32)
+            + np.float32(b[step - 1]) * per_variable("grads/G2", v).astype(np.float32)
+            for v in variables
+        ]
+        optimizer.apply(grads, variables)
+        if step == 1:  # The schedule is 0 at count 0: nothing moves.
+            for v in variables:
+                np.testing.assert_array_equal(np.asarray(v.value), start[v.path])
+        if step in snapshots:
+            for v in variables:
+                want = per_variable(f"{config}/step{step}", v)
+                # float32 updates of size ~1e-2 on values ~1: 1e-6 relative.
+                np.testing.assert_allclose(np.asarray(v.value), want, rtol=1e-6, atol=1e-7, err_msg=f"{v.path} step {step}")
+    decayed = {n for n in reference[f"{config}/decay_mask_keys"].tolist()}
+    ours = {names[v.path] for v in variables if weight_decay and optimizer.decay_multiplier(v)}
+    assert ours == decayed
+
+
+def test_big_vision_decay_mask_names_only_the_vit_kernels(fixtures_dir):
+    backbone = PaliGemma2Backbone.from_preset(fixtures_dir / "bv_tiny" / "tiny_f32.npz")
+    optimizer = big_vision_optimizer(total_steps=10, weight_decay=1e-4)
+    decayed = sorted(v.path for v in backbone.trainable_variables if optimizer.decay_multiplier(v))
+    assert decayed and all(p.endswith("/kernel") for p in decayed)
+    assert not any(p.startswith("decoder_block") or "embeddings" in p for p in decayed)
+
+
+def test_big_vision_optimizer_serialises():
+    optimizer = big_vision_optimizer(total_steps=50, learning_rate=1e-3, weight_decay=1e-4)
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert type(restored) is type(optimizer)
+    assert restored.get_config() == optimizer.get_config()
 
 
 class _Interrupt(keras.callbacks.Callback):

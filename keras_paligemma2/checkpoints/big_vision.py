@@ -6,6 +6,8 @@ rules only pick one layer. Default semantics for these files are
 big_vision's: no sliding window, no final soft-cap on scoring logits.
 """
 
+import re
+
 import numpy as np
 
 from keras_paligemma2 import presets
@@ -54,19 +56,27 @@ DECODER_BLOCK = (
 )
 
 
+# (our path, big_vision key) of the tensors outside the stacked blocks.
+TOP_LEVEL = (
+    ("vision_encoder/patch_embedding/kernel", "img/embedding/kernel"),
+    ("vision_encoder/patch_embedding/bias", "img/embedding/bias"),
+    ("vision_encoder/position_embedding", "img/pos_embedding"),
+    ("vision_encoder/encoder_norm/gamma", "img/Transformer/encoder_norm/scale"),
+    ("vision_encoder/encoder_norm/beta", "img/Transformer/encoder_norm/bias"),
+    ("image_projection/kernel", "img/head/kernel"),
+    ("image_projection/bias", "img/head/bias"),
+    ("token_embedding/embeddings", "llm/embedder/input_embedding"),
+    ("final_norm/scale", "llm/final_norm/scale"),
+)
+
+
 def rules(config):
     """The full table from big_vision keys to our variable paths."""
     table = [
-        Rule("vision_encoder/patch_embedding/kernel", "img/embedding/kernel"),
-        Rule("vision_encoder/patch_embedding/bias", "img/embedding/bias"),
-        # big_vision keeps a leading batch axis of 1: (1, P, W).
-        Rule("vision_encoder/position_embedding", "img/pos_embedding", lambda x: x[0]),
-        Rule("vision_encoder/encoder_norm/gamma", "img/Transformer/encoder_norm/scale"),
-        Rule("vision_encoder/encoder_norm/beta", "img/Transformer/encoder_norm/bias"),
-        Rule("image_projection/kernel", "img/head/kernel"),
-        Rule("image_projection/bias", "img/head/bias"),
-        Rule("token_embedding/embeddings", "llm/embedder/input_embedding"),
-        Rule("final_norm/scale", "llm/final_norm/scale"),
+        # big_vision keeps a leading batch axis of 1 on the position
+        # embedding: (1, P, W).
+        Rule(ours, theirs, (lambda x: x[0]) if ours.endswith("position_embedding") else (lambda x: x))
+        for ours, theirs in TOP_LEVEL
     ]
     for i in range(config["vit_num_layers"]):
         for ours, theirs in VIT_BLOCK:
@@ -80,6 +90,24 @@ def rules(config):
                 convert = lambda x, i=i, p=packed: x[i, p]
             table.append(Rule(f"decoder_block_{i}/{ours}", LLM + theirs, convert))
     return table
+
+
+def big_vision_name(variable_path):
+    """The big_vision parameter name (no `params/`, layer axis dropped) of
+    one of our variable paths, or None (LoRA adapters, quantisation scales:
+    nothing big_vision has). Used where big_vision selects parameters by
+    name, e.g. its weight-decay mask."""
+    for ours, theirs in TOP_LEVEL:
+        if variable_path == ours or variable_path.endswith("/" + ours):
+            return theirs
+    block = re.search(r"(?:^|/)vision_encoder/block_\d+/(.+)$", variable_path)
+    if block and block.group(1) in dict(VIT_BLOCK):
+        return VIT + dict(VIT_BLOCK)[block.group(1)]
+    block = re.search(r"(?:^|/)decoder_block_\d+/(.+)$", variable_path)
+    decoder = {ours: theirs for ours, theirs, _ in DECODER_BLOCK}
+    if block and block.group(1) in decoder:
+        return LLM + decoder[block.group(1)]
+    return None
 
 
 def strip_prefix(tensors):
