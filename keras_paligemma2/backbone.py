@@ -1,7 +1,10 @@
 """`PaliGemma2Backbone`: SigLIP encoder, linear projector and Gemma 2 decoder."""
 
+import jax
+import jax.numpy as jnp
 import keras
 import keras_hub
+import numpy as np
 from keras import ops
 
 from keras_paligemma2.attention import make_attention_mask
@@ -427,4 +430,32 @@ def validate_backbone_inputs(inputs, image_size, num_images=1):
         raise ValueError(
             f"Batch sizes differ: {shape[0]} images but {token_shape[0]} token "
             "sequences."
+        )
+    _check_image_range(images)
+
+
+def _check_image_range(images):
+    """Concrete images (not traced) must be in [-1, 1], the converter's
+    output: other ranges would give other logits, silently."""
+    if isinstance(images, (keras.KerasTensor, jax.core.Tracer)):
+        return
+    if isinstance(images, jax.Array) and not images.is_fully_addressable:
+        return  # Several hosts: each checks what it passed in.
+    dtype = np.dtype(images.dtype) if hasattr(images, "dtype") else np.asarray(images).dtype
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError(
+            f"`images` are {dtype}; the backbone takes float images in [-1, 1]. "
+            "Pass raw images through PaliGemma2ImageConverter (the preprocessor "
+            "does), or convert [0, 255] levels with `x / 127.5 - 1`."
+        )
+    if not np.size(images):
+        return
+    low, high = float(jnp.min(images)), float(jnp.max(images))
+    # Antialiased float resizes overshoot [0, 255] by ~1e-4 of a level.
+    if not (np.isfinite(low) and np.isfinite(high)) or low < -1.001 or high > 1.001:
+        raise ValueError(
+            f"`images` must be in [-1, 1] (what PaliGemma2ImageConverter gives); "
+            f"got values in [{low:.4g}, {high:.4g}]. Pass raw images through the "
+            "converter (the preprocessor does), or convert [0, 255] levels with "
+            "`x / 127.5 - 1`."
         )
