@@ -270,8 +270,9 @@ class BigVisionAdam(keras.optimizers.Optimizer):
         beta_2: float, Adam's b2 (0.999, the PaliGemma configs').
         epsilon: float, optax's eps (1e-8).
         epsilon_root: float, optax's eps_root (0).
-        gradient_accumulation_steps: int or None; updates (and the schedule's
-            count) then happen every that many steps.
+        gradient_accumulation_steps: int or None; updates then happen every
+            that many steps, with the mean gradient, and the schedule counts
+            updates.
         name: str.
     """
 
@@ -356,9 +357,9 @@ class BigVisionAdam(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         gradient = ops.cast(gradient, dtype)
+        # Updates so far (on JAX, Keras restores `iterations` with the other
+        # optimizer variables on accumulating steps, so it counts updates).
         count = self.iterations
-        if self.gradient_accumulation_steps:
-            count = count // self.gradient_accumulation_steps
         t = ops.cast(count + 1, dtype)
         mu = self._mu[self._get_variable_index(variable)]
         nu = self._nu[self._get_variable_index(variable)]

@@ -351,25 +351,48 @@ def test_big_vision_optimizer_follows_big_vision_optax(fixtures_dir, config, wei
     a, b = reference["grads/a"], reference["grads/b"]
     snapshots = sorted(int(k.split("/step")[1].split("/")[0]) for k in reference if k.startswith(f"{config}/step") and k.endswith("/params/img/head/kernel"))
     assert snapshots[-1] == 10
-    start = {v.path: np.array(v.value) for v in variables}
+    import jax
+
+    optimizer.build(variables)
+    # One compiled update, as `fit` runs it (Keras' stateless apply).
+    update = jax.jit(lambda state, grads, values: optimizer.stateless_apply(state, grads, values))
+    values = [v.value for v in variables]
+    state = [v.value for v in optimizer.variables]
+    start = [np.array(x) for x in values]
     for step in range(1, 11):
         grads = [
             np.float32(a[step - 1]) * per_variable("grads/G1", v).astype(np.float32)
             + np.float32(b[step - 1]) * per_variable("grads/G2", v).astype(np.float32)
             for v in variables
         ]
-        optimizer.apply(grads, variables)
+        values, state = update(state, grads, values)
         if step == 1:  # The schedule is 0 at count 0: nothing moves.
-            for v in variables:
-                np.testing.assert_array_equal(np.asarray(v.value), start[v.path])
+            for x, x0 in zip(values, start):
+                np.testing.assert_array_equal(np.asarray(x), x0)
         if step in snapshots:
-            for v in variables:
+            for v, x in zip(variables, values):
                 want = per_variable(f"{config}/step{step}", v)
                 # float32 updates of size ~1e-2 on values ~1: 1e-6 relative.
-                np.testing.assert_allclose(np.asarray(v.value), want, rtol=1e-6, atol=1e-7, err_msg=f"{v.path} step {step}")
+                np.testing.assert_allclose(np.asarray(x), want, rtol=1e-6, atol=1e-7, err_msg=f"{v.path} step {step}")
     decayed = {n for n in reference[f"{config}/decay_mask_keys"].tolist()}
     ours = {names[v.path] for v in variables if weight_decay and optimizer.decay_multiplier(v)}
     assert ours == decayed
+
+
+def test_big_vision_optimizer_with_accumulation_counts_updates():
+    # Two accumulated steps of gradient g make one update with g: the same
+    # parameters, schedule count and moments as one step without accumulation.
+    def run(accumulation, calls):
+        variable = keras.Variable(np.linspace(-1, 1, 6).astype("float32").reshape(2, 3), name="kernel")
+        optimizer = big_vision_optimizer(
+            total_steps=4, learning_rate=0.1, warmup_fraction=0.25, gradient_accumulation_steps=accumulation
+        )
+        for step in range(calls):
+            gradient = np.full((2, 3), 0.5 * (1 + step // (accumulation or 1)), "float32")
+            optimizer.apply([gradient], [variable])
+        return np.asarray(variable.value)
+
+    np.testing.assert_allclose(run(2, 6), run(None, 3), rtol=1e-6)
 
 
 def test_big_vision_decay_mask_names_only_the_vit_kernels(fixtures_dir):
