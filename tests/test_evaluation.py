@@ -68,13 +68,17 @@ def test_score_averages_and_refuses_unknown_metrics():
 
 
 def test_anls_and_relaxed_accuracy_match_big_vision(fixtures_dir):
-    # big_vision's `anls_metric` (DocVQA evaluator with to_lower=True) and
-    # ChartQA `_relaxed_match`, on the inputs listed.
+    # big_vision's `anls_metric` (DocVQA evaluator with to_lower=True), its
+    # VQA accuracy and ChartQA `_relaxed_match`, on the inputs listed
+    # (tests/fixtures/gen/big_vision_metrics.py).
     reference = json.loads((fixtures_dir / "qa_big_vision_reference.json").read_text())
     for prediction, answers, want in reference["anls_lowercased"]:
         assert evaluation.anls(prediction, answers) == pytest.approx(want), (prediction, answers)
     for prediction, answer, want in reference["relaxed_accuracy"]:
         assert evaluation.relaxed_accuracy(prediction, [answer]) == want, (prediction, answer)
+    # The VQA evaluator's accuracy (`answer == gt`, its `acc_any`).
+    for prediction, answers, want in reference["exact_match"]:
+        assert evaluation.exact_match(prediction, answers) == want, (prediction, answers)
 
 
 def test_vqa_normalisation_and_accuracy_match_big_vision(fixtures_dir):
