@@ -1,5 +1,7 @@
 """The attention function, RoPE and the mask builder against numpy_reference."""
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,15 @@ from keras_paligemma2.attention import choose_implementation
 from keras_paligemma2.attention import dot_product_attention
 from keras_paligemma2.attention import make_attention_mask
 
-rng = np.random.default_rng(0)
+rng = None
+
+
+@pytest.fixture(autouse=True)
+def _inputs_seeded_by_test(request):
+    """Every test draws from its own generator, seeded by its id: what it
+    gets does not depend on which tests ran before it in its worker."""
+    global rng
+    rng = np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 # "pallas" runs the fused kernel in Pallas interpret mode on CPU.
 with_each_implementation = pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -117,7 +127,10 @@ def test_pallas_kernel_over_many_tiles_and_its_gradients(soft_cap):
             q, k, v
         )
     for a, b in zip(fused, exact):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        # float32 sums over 37 keys in another order: ~1e-6 of the largest
+        # gradient (which reaches ~100 here: the loss is scaled by v.sum()).
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=2e-6 * np.abs(b).max())
 
 
 @with_each_implementation
