@@ -395,29 +395,15 @@ class BigVisionAdam(keras.optimizers.Optimizer):
         return config
 
 
-def big_vision_optimizer(
-    total_steps,
-    learning_rate=3e-5,
-    warmup_fraction=0.05,
-    weight_decay=0.0,
-    weight_decay_mults=BIG_VISION_DECAY_MULTS,
-    global_clipnorm=1.0,
-    gradient_accumulation_steps=None,
-):
-    """big_vision's PaliGemma transfer recipe: `BigVisionAdam` configured as
-    its transfer configs (`optax_name="scale_by_adam"`, b2 0.999,
-    `grad_clip_norm=1.0`, cosine schedule with `warmup_percent`, `wd`
-    decoupled and scaled by the schedule). Arguments as `BigVisionAdam`.
+def big_vision_optimizer(total_steps, **kwargs):
+    """big_vision's PaliGemma transfer recipe: a `BigVisionAdam`, whose
+    defaults are its transfer configs' (`optax_name="scale_by_adam"`, b2
+    0.999, `grad_clip_norm=1.0`, cosine schedule with `warmup_percent`,
+    `wd` decoupled and scaled by the schedule). Keyword arguments as
+    `BigVisionAdam` (`learning_rate`, `warmup_fraction`, `weight_decay`,
+    `weight_decay_mults`, `gradient_accumulation_steps`, ...).
     """
-    return BigVisionAdam(
-        total_steps,
-        learning_rate=learning_rate,
-        warmup_fraction=warmup_fraction,
-        weight_decay=weight_decay,
-        weight_decay_mults=weight_decay_mults,
-        global_clipnorm=global_clipnorm,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-    )
+    return BigVisionAdam(total_steps, **kwargs)
 
 
 class RawBatches(keras.utils.PyDataset):

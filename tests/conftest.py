@@ -7,7 +7,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pathlib  # noqa: E402
+import zlib  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -37,3 +39,12 @@ def fixtures_dir():
 @pytest.fixture
 def tiny_config():
     return dict(TINY_CONFIG)
+
+
+@pytest.fixture(autouse=True)
+def _seed_module_rng(request):
+    """A test module's `rng` is reseeded from each test's id before the test:
+    what a test draws does not depend on which tests ran before it in its
+    worker (`-n 2`, any order)."""
+    if hasattr(request.module, "rng"):
+        request.module.rng = np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

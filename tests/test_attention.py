@@ -1,7 +1,5 @@
 """The attention function, RoPE and the mask builder against numpy_reference."""
 
-import zlib
-
 import numpy as np
 import pytest
 
@@ -13,15 +11,7 @@ from keras_paligemma2.attention import choose_implementation
 from keras_paligemma2.attention import dot_product_attention
 from keras_paligemma2.attention import make_attention_mask
 
-rng = None
-
-
-@pytest.fixture(autouse=True)
-def _inputs_seeded_by_test(request):
-    """Every test draws from its own generator, seeded by its id: what it
-    gets does not depend on which tests ran before it in its worker."""
-    global rng
-    rng = np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+rng = None  # Reseeded from each test's id (conftest).
 
 # "pallas" runs the fused kernel in Pallas interpret mode on CPU.
 with_each_implementation = pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
