@@ -7,10 +7,12 @@ import keras_hub
 import numpy as np
 from keras import ops
 
+from keras_paligemma2 import presets
 from keras_paligemma2.attention import make_attention_mask
 from keras_paligemma2.decoder import DecoderBlock
 from keras_paligemma2.decoder import RMSNorm
 from keras_paligemma2.decoder import TokenEmbedding
+from keras_paligemma2.layouts import layout_map_for
 from keras_paligemma2.vision_encoder import VisionEncoder
 from keras_paligemma2.saving import DEFAULT_MAX_SHARD_SIZE_GB
 from keras_paligemma2.saving import atomic_directory
@@ -243,7 +245,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         """A `keras.distribution.LayoutMap` for the backbone `config` (a dict or
         a registered preset name) on `device_mesh`, valid for any mesh shape:
         a dimension is sharded only where the axis divides it (see
-        `keras_paligemma2.distribution`). `fsdp=True` also shards weights over
+        `keras_paligemma2.layouts`). `fsdp=True` also shards weights over
         the data axis, for training.
 
         Example:
@@ -257,9 +259,22 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch"))
         ```
         """
-        from keras_paligemma2 import distribution
+        if isinstance(config, str):
+            config = presets.preset_config(config)
+        return layout_map_for(device_mesh, cls.weight_shapes(config), model_axis, data_axis, fsdp)
 
-        return distribution.layout_map(device_mesh, config, model_axis, data_axis, fsdp)
+    @classmethod
+    def weight_shapes(cls, config):
+        """[(variable path, shape)] of every weight of a backbone with
+        `config` (a dict), found under `jax.eval_shape`: nothing allocated."""
+        found = []
+
+        def build():
+            backbone = cls(**config)
+            found.extend((v.path, tuple(v.shape)) for v in backbone.weights)
+
+        jax.eval_shape(build)
+        return found
 
     def set_remat(self, enabled=True):
         """Recompute each decoder and ViT block in the backward pass (less

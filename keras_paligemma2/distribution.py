@@ -1,98 +1,27 @@
-"""Sharding PaliGemma 2 over a device mesh with `keras.distribution`.
+"""Sharding PaliGemma 2 over a device mesh with `keras.distribution`: layouts
+for a config or preset, the memory planner and `auto_distribution`.
 
-Mesh axes: "batch" (data parallel; with `fsdp=True` it also shards weights,
-FSDP / ZeRO-3 style) and "model" (tensor parallel). Every weight gets a
-layout that is valid for the mesh it is made for: a dimension is sharded
-over an axis only when the axis size divides it, else the next preferred
-dimension is tried, else the weight is replicated along that axis. So any
-mesh shape works, including a model axis that does not divide the number of
-kv heads (keras-hub's Gemma layout fails there with `IndivisibleError`).
-
-Preferences over the model axis (first that divides wins):
-
-    token embedding (V, D)            V, then D   (vocabulary-parallel logits)
-    decoder q/k/v (heads, D, H)       heads, H, D
-    decoder output (N, H, D)          N, H, D
-    decoder gate/up (D, F)            F, D;  down (F, D): F, D
-    ViT q/k/v (W, n, h), bias (n, h)  n, h, W
-    ViT output (n, h, W)              n, h, W
-    ViT mlp_in (W, F), bias (F)       F, W;  mlp_out (F, W): F, W
-    patch kernel (p, p, 3, W)         W;  position embedding (P, W): W, P
-    image projection (W, D)           D, W
-
-Norm scales, small biases, LoRA adapters and int8 scales are replicated (they
-are small); an int8 kernel has its float kernel's path and shape, so the
-same layout.
+The layout rules themselves (which dimension each weight shards over) are in
+`layouts.py`, which the backbone uses too.
 """
 
 import dataclasses
-import re
 
 import keras
 
-MODEL_PREFERENCES = (
-    (r"(^|/)token_embedding/embeddings$", (0, 1)),
-    (r"decoder_block_\d+/attention/(query|key|value)/kernel$", (0, 2, 1)),
-    (r"decoder_block_\d+/attention/output/kernel$", (0, 1, 2)),
-    (r"decoder_block_\d+/mlp/(gate|up)/kernel$", (1, 0)),
-    (r"decoder_block_\d+/mlp/down/kernel$", (0, 1)),
-    (r"vision_encoder/block_\d+/attention/(query|key|value)/kernel$", (1, 2, 0)),
-    (r"vision_encoder/block_\d+/attention/(query|key|value)/bias$", (0, 1)),
-    (r"vision_encoder/block_\d+/attention/output/kernel$", (0, 1, 2)),
-    (r"vision_encoder/block_\d+/mlp_in/kernel$", (1, 0)),
-    (r"vision_encoder/block_\d+/mlp_in/bias$", (0,)),
-    (r"vision_encoder/block_\d+/mlp_out/kernel$", (0, 1)),
-    (r"vision_encoder/patch_embedding/kernel$", (3,)),
-    (r"vision_encoder/position_embedding$", (1, 0)),
-    (r"(^|/)image_projection/kernel$", (1, 0)),
-)
-# Weights below this many elements are not sharded over the data axis.
-FSDP_MIN_SIZE = 2**14
-
-
-def variable_layout(path, shape, axis_sizes, model_axis="model", data_axis="batch", fsdp=False):
-    """The axis name (or None) for each dimension of one weight.
-
-    Args:
-        path: the Keras variable path (`decoder_block_3/mlp/gate/kernel`).
-        shape: its shape.
-        axis_sizes: {axis name: size} of the mesh.
-        fsdp: also shard the largest remaining divisible dimension over the
-            data axis (for training: weights, gradients and optimizer state
-            split across data-parallel replicas).
-    """
-    layout = [None] * len(shape)
-    model_size = axis_sizes.get(model_axis, 1)
-    for pattern, dims in MODEL_PREFERENCES:
-        if re.search(pattern, path):
-            if model_size > 1:
-                for dim in dims:
-                    if shape[dim] % model_size == 0:
-                        layout[dim] = model_axis
-                        break
-            break
-    else:
-        return tuple(layout)  # not a sharded weight: replicated
-    data_size = axis_sizes.get(data_axis, 1)
-    if fsdp and data_size > 1 and _size(shape) >= FSDP_MIN_SIZE:
-        free = [d for d in range(len(shape)) if layout[d] is None and shape[d] % data_size == 0]
-        if free:
-            layout[max(free, key=lambda d: shape[d])] = data_axis
-    return tuple(layout)
-
-
-def _size(shape):
-    total = 1
-    for s in shape:
-        total *= int(s)
-    return total
+from keras_paligemma2.backbone import PaliGemma2Backbone
+from keras_paligemma2.layouts import FSDP_MIN_SIZE  # noqa: F401 (part of this module's API)
+from keras_paligemma2.layouts import MODEL_PREFERENCES  # noqa: F401
+from keras_paligemma2.layouts import PathLayoutMap  # noqa: F401
+from keras_paligemma2.layouts import element_count
+from keras_paligemma2.layouts import layout_map_for
+from keras_paligemma2.layouts import variable_layout  # noqa: F401
+from keras_paligemma2.presets import preset_config
 
 
 def _config(config):
     """A config dict, from a dict or a registered or shipped preset name, or a preset directory."""
     if isinstance(config, str):
-        from keras_paligemma2.presets import preset_config
-
         return preset_config(config)
     return dict(config)
 
@@ -100,48 +29,13 @@ def _config(config):
 def model_weights(config):
     """[(path, shape)] of every weight of a backbone with `config` (a dict or
     a preset name), found without allocating anything."""
-    import jax
-
-    from keras_paligemma2.backbone import PaliGemma2Backbone
-
-    config = _config(config)
-    found = []
-
-    def build():
-        backbone = PaliGemma2Backbone(**config)
-        found.extend((v.path, tuple(v.shape)) for v in backbone.weights)
-
-    jax.eval_shape(build)
-    return found
+    return PaliGemma2Backbone.weight_shapes(_config(config))
 
 
 def layout_map(device_mesh, config, model_axis="model", data_axis="batch", fsdp=False):
     """A `keras.distribution.LayoutMap` with an exact entry for every weight
-    of the backbone `config` describes (see `variable_layout`)."""
-    axis_sizes = dict(zip(device_mesh.axis_names, device_mesh.shape))
-    for axis in (model_axis, data_axis):
-        if axis not in axis_sizes:
-            raise ValueError(
-                f"The mesh has axes {device_mesh.axis_names}; expected {model_axis!r} and "
-                f"{data_axis!r} (or pass model_axis= / data_axis=)."
-            )
-    layouts = PathLayoutMap(device_mesh)
-    for path, shape in model_weights(config):
-        layouts[path] = variable_layout(path, shape, axis_sizes, model_axis, data_axis, fsdp)
-    return layouts
-
-
-class PathLayoutMap(keras.distribution.LayoutMap):
-    """A LayoutMap looked up by exact variable path.
-
-    Keras' LayoutMap tries every key as a regular expression when a path is
-    not a key, which for the 1,000+ weights of the large models (and the
-    LoRA / int8 variables made later, not listed here) costs seconds; a path
-    that is not listed is replicated, as in Keras.
-    """
-
-    def __getitem__(self, key):
-        return self._layout_map.get(key)
+    of the backbone `config` describes (see `layouts.variable_layout`)."""
+    return layout_map_for(device_mesh, model_weights(config), model_axis, data_axis, fsdp)
 
 
 def model_parallel(config, mesh_shape, devices=None, fsdp=False):
@@ -243,7 +137,7 @@ def plan(
         split = 1
         for axis in layout:
             split *= sizes[axis] if axis else 1
-        parameters += _size(shape) // split * weight_bytes
+        parameters += element_count(shape) // split * weight_bytes
     gradients = optimizer_state = 0
     if mode == "full":
         gradients = parameters

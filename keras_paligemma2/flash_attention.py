@@ -6,7 +6,7 @@ soft-cap, and the TPU splash kernel (which has one) takes its mask as a static
 pattern: its per-example segment ids hide padding but cannot express the
 per-example prefix-LM mask (image + prompt bidirectional, response causal),
 whose boundary moves with every example. This kernel computes exactly
-`attention.dot_product_attention`: float32 logits, `cap * tanh(logits / cap)`,
+`exact_attention.reference_attention`: float32 logits, `cap * tanh(logits / cap)`,
 big_vision's finite masked logit, softmax, weighted values. It never forms the
 (B, N, T, S) logits: each program owns `block_q` queries of one head and walks
 the keys `block_k` at a time with an online softmax (FlashAttention), reading
@@ -25,10 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-# The reference's finite masked logit (big_vision's): a fully masked row then
-# averages the values uniformly, as the reference does.
-from keras_paligemma2.attention import _MASKED_LOGIT
-from keras_paligemma2.attention import reference_attention
+from keras_paligemma2.exact_attention import MASKED_LOGIT
+from keras_paligemma2.exact_attention import reference_attention
 
 
 def _kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, *, soft_cap, block_k, key_len):
@@ -45,7 +43,7 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, *, soft_cap, block_k, key_len)
         )
         if soft_cap:
             logits = jnp.tanh(logits / soft_cap) * soft_cap
-        logits = jnp.where(mask_ref[:, keys] != 0, logits, _MASKED_LOGIT)
+        logits = jnp.where(mask_ref[:, keys] != 0, logits, MASKED_LOGIT)
         # Keys past the real length exist only to fill the last block: -inf
         # removes them even from a fully masked row.
         in_range = j * block_k + jnp.arange(block_k) < key_len
