@@ -71,7 +71,11 @@ def jitted_forward(model):
         logits, _ = model.stateless_call(trainable, non_trainable, inputs)
         return logits
 
-    return lambda inputs: forward(trainable, non_trainable, inputs), forward, (trainable, non_trainable)
+    return (
+        lambda inputs: forward(trainable, non_trainable, inputs),
+        forward,
+        (trainable, non_trainable),
+    )
 
 
 def measure(name, model, inputs, repeats):
@@ -115,7 +119,9 @@ def main():
         "padding_mask": np.ones((args.batch, args.text), "int32"),
         "response_mask": response,
     }
-    print(f"batch {args.batch}, 224 px (256 image tokens), {args.text} text tokens, float32, {jax.devices()[0].platform}")
+    print(
+        f"batch {args.batch}, 224 px (256 image tokens), {args.text} text tokens, float32, {jax.devices()[0].platform}"
+    )
     ours_s, ours_mb, ours_out = measure("ours", ours, inputs, args.repeats)
     theirs_s, theirs_mb, theirs_out = measure("keras-hub", theirs, inputs, args.repeats)
     print(f"max |ours - keras-hub| text logits: {np.abs(ours_out - theirs_out).max():.2e}")

@@ -74,7 +74,9 @@ def main():
         runs = {}
         for new in (32, 64):
             x = inputs(batch, PROMPT, rng)
-            runs[("ours", new)] = lambda x=x, new=new: ours.generate(x, max_new_tokens=new, stop_token_ids=None)
+            runs[("ours", new)] = lambda x=x, new=new: ours.generate(
+                x, max_new_tokens=new, stop_token_ids=None
+            )
             xk = inputs(batch, PROMPT + new, rng)
             runs[("keras-hub", new)] = lambda xk=xk, new=new: theirs.generate(
                 xk, max_length=PROMPT + new, stop_token_ids=None
@@ -82,15 +84,25 @@ def main():
         x = inputs(batch, PROMPT, rng)
         runs[("ours", 1)] = lambda: ours.generate(x, max_new_tokens=1, stop_token_ids=None)
         xk17 = inputs(batch, PROMPT + 1, rng)
-        runs[("keras-hub", 17)] = lambda: theirs.generate(xk17, max_length=PROMPT + 1, stop_token_ids=None)
+        runs[("keras-hub", 17)] = lambda: theirs.generate(
+            xk17, max_length=PROMPT + 1, stop_token_ids=None
+        )
         # At max_length 80, as the issue specifies: keras-hub prefills all 80
         # positions before its first step. Stopping on the tokens it is about
         # to produce makes it return right after that first step.
         xk = inputs(batch, PROMPT + 64, rng)
-        short = {**xk, "token_ids": xk["token_ids"][:, : PROMPT + 1], "padding_mask": xk["padding_mask"][:, : PROMPT + 1]}
-        first = theirs.generate(short, max_length=PROMPT + 1, stop_token_ids=None)["token_ids"][:, PROMPT]
+        short = {
+            **xk,
+            "token_ids": xk["token_ids"][:, : PROMPT + 1],
+            "padding_mask": xk["padding_mask"][:, : PROMPT + 1],
+        }
+        first = theirs.generate(short, max_length=PROMPT + 1, stop_token_ids=None)["token_ids"][
+            :, PROMPT
+        ]
         stop = tuple(sorted({int(t) for t in np.asarray(first)}))
-        runs[("keras-hub", 1)] = lambda: theirs.generate(xk, max_length=PROMPT + 64, stop_token_ids=stop)
+        runs[("keras-hub", 1)] = lambda: theirs.generate(
+            xk, max_length=PROMPT + 64, stop_token_ids=stop
+        )
         result = timed_rounds(runs, args.repeats)
         row = {}
         for name in ("ours", "keras-hub"):
@@ -104,8 +116,11 @@ def main():
                 flush=True,
             )
         ttft_theirs_short = result[("keras-hub", 17)][0]
-        print(f"batch {batch} keras-hub first token at max_length {PROMPT + 1}: {ttft_theirs_short * 1e3:.1f} ms "
-              f"(a lower bound; {ttft_theirs_short / row['ours'][1]:.2f}x ours)", flush=True)
+        print(
+            f"batch {batch} keras-hub first token at max_length {PROMPT + 1}: {ttft_theirs_short * 1e3:.1f} ms "
+            f"(a lower bound; {ttft_theirs_short / row['ours'][1]:.2f}x ours)",
+            flush=True,
+        )
         print(
             f"batch {batch} ratio keras-hub/ours: decode step {row['keras-hub'][0] / row['ours'][0]:.2f}x, "
             f"first token {row['keras-hub'][1] / row['ours'][1]:.2f}x",

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate import PROMPT  # noqa: E402
 from generate import inputs  # noqa: E402
 from generate import timed  # noqa: E402
+
 # The shared CPU benchmark config, for a quick check of this script.
 TINY = dict(
     vit_num_layers=4, vit_hidden_dim=192, vit_num_heads=4, vit_intermediate_dim=768,

@@ -57,7 +57,12 @@ def main():
             lm.compile(optimizer=keras.optimizers.Adam(1e-5))
             response = np.zeros_like(tokens)
             response[:, TEXT // 2 :] = 1
-            x = {"images": images, "token_ids": tokens, "padding_mask": np.ones_like(tokens), "response_mask": response}
+            x = {
+                "images": images,
+                "token_ids": tokens,
+                "padding_mask": np.ones_like(tokens),
+                "response_mask": response,
+            }
             for _ in range(2):
                 lm.train_on_batch(x, tokens, sample_weight=response.astype("float32"))
     stats = device.memory_stats() or {}

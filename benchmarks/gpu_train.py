@@ -85,7 +85,9 @@ def main():
         length = PROMPT + RESPONSE
         x = {
             "images": rng.uniform(-1, 1, (batch, size, size, 3)).astype("float32"),
-            "token_ids": rng.integers(3, config["vocabulary_size"], (batch, length)).astype("int32"),
+            "token_ids": rng.integers(3, config["vocabulary_size"], (batch, length)).astype(
+                "int32"
+            ),
             "padding_mask": np.ones((batch, length), "int32"),
             "response_mask": np.zeros((batch, length), "int32"),
         }
@@ -112,7 +114,10 @@ def main():
         )
         stats = device.memory_stats() or {}
         if "peak_bytes_in_use" in stats:
-            print(f"          peak device memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB", flush=True)
+            print(
+                f"          peak device memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

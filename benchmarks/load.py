@@ -182,12 +182,25 @@ def make(directory, keras_hub_too):
         import keras_hub
 
         backbone = keras_hub.models.PaliGemmaBackbone(
-            vocabulary_size=V, image_size=224, num_layers=L, num_query_heads=N,
-            num_key_value_heads=K, hidden_dim=D, intermediate_dim=2 * F, head_dim=H,
-            vit_patch_size=14, vit_num_heads=VH, vit_hidden_dim=W, vit_num_layers=VL,
-            vit_intermediate_dim=M, use_post_ffw_norm=True, use_post_attention_norm=True,
-            attention_logit_soft_cap=50.0, final_logit_soft_cap=30.0,
-            query_head_dim_normalize=True, dtype="bfloat16",
+            vocabulary_size=V,
+            image_size=224,
+            num_layers=L,
+            num_query_heads=N,
+            num_key_value_heads=K,
+            hidden_dim=D,
+            intermediate_dim=2 * F,
+            head_dim=H,
+            vit_patch_size=14,
+            vit_num_heads=VH,
+            vit_hidden_dim=W,
+            vit_num_layers=VL,
+            vit_intermediate_dim=M,
+            use_post_ffw_norm=True,
+            use_post_attention_norm=True,
+            attention_logit_soft_cap=50.0,
+            final_logit_soft_cap=30.0,
+            query_head_dim_normalize=True,
+            dtype="bfloat16",
         )
         backbone.save_to_preset(os.path.join(directory, "keras_hub"))
         print("wrote", os.path.join(directory, "keras_hub"))
@@ -261,13 +274,23 @@ def files_of(path):
 
 def measure(directory, with_keras_hub=True, only=None):
     cases = [
-        ("floor: read the .npz into new memory", "floor", os.path.join(directory, "paligemma2-3b-pt-224.b16.npz")),
+        (
+            "floor: read the .npz into new memory",
+            "floor",
+            os.path.join(directory, "paligemma2-3b-pt-224.b16.npz"),
+        ),
         ("big_vision .b16.npz", "ours", os.path.join(directory, "paligemma2-3b-pt-224.b16.npz")),
         ("HF safetensors (3 shards)", "ours", os.path.join(directory, "hf")),
     ]
     if with_keras_hub and os.path.isdir(os.path.join(directory, "keras_hub")):
         cases.append(("keras-hub preset, into ours", "ours", os.path.join(directory, "keras_hub")))
-        cases.append(("keras-hub preset, keras-hub itself", "keras_hub_native", os.path.join(directory, "keras_hub")))
+        cases.append(
+            (
+                "keras-hub preset, keras-hub itself",
+                "keras_hub_native",
+                os.path.join(directory, "keras_hub"),
+            )
+        )
     if only:
         cases = [c for c in cases if only in c[0]]
     rows = []
@@ -283,12 +306,21 @@ def measure(directory, with_keras_hub=True, only=None):
             subprocess.run(f"cat '{f}' > /dev/null", shell=True, check=True)
         warm_read = time.perf_counter() - start
         dropped_again = drop_page_cache()
-        out = subprocess.run(
-            [sys.executable, "-c", CHILD, kind, path], capture_output=True, text=True, check=True
-        ).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [sys.executable, "-c", CHILD, kind, path],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         result = json.loads(out)
         above = result["peak"] - result["baseline"]
-        rows.append((label, size, cold_read, warm_read, result["seconds"], above, dropped and dropped_again))
+        rows.append(
+            (label, size, cold_read, warm_read, result["seconds"], above, dropped and dropped_again)
+        )
         print(
             f"{label}: {size / 2**30:.2f} GiB, cat {cold_read:.1f} s cold / {warm_read:.1f} s warm, "
             f"load {result['seconds']:.1f} s ({result['seconds'] / cold_read:.2f}x cold read), "
@@ -301,23 +333,42 @@ def measure(directory, with_keras_hub=True, only=None):
 
 def time_one(path, warm=False):
     dropped = warm or drop_page_cache()
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, "ours", path], capture_output=True, text=True, check=True
-    ).stdout.strip().splitlines()[-1]
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", CHILD, "ours", path], capture_output=True, text=True, check=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     result = json.loads(out)
     above = result["peak"] - result["baseline"]
-    cache = "warm page cache" if warm else ("page cache dropped" if dropped else "page cache NOT dropped")
-    print(f"{path}: load {result['seconds']:.1f} s, peak RSS above baseline {above / 2**30:.2f} GiB, {cache}", flush=True)
+    cache = (
+        "warm page cache"
+        if warm
+        else ("page cache dropped" if dropped else "page cache NOT dropped")
+    )
+    print(
+        f"{path}: load {result['seconds']:.1f} s, peak RSS above baseline {above / 2**30:.2f} GiB, {cache}",
+        flush=True,
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["make", "measure", "time"])
-    parser.add_argument("directory", help="the benchmark directory (make, measure) or one checkpoint (time)")
+    parser.add_argument(
+        "directory", help="the benchmark directory (make, measure) or one checkpoint (time)"
+    )
     parser.add_argument("--warm", action="store_true", help="keep the page cache (time)")
-    parser.add_argument("--keras-hub", action="store_true", help="also write a keras-hub preset (make)")
-    parser.add_argument("--skip-keras-hub", action="store_true", help="measure only our formats (measure)")
-    parser.add_argument("--only", help="measure only the cases whose label contains this text (measure)")
+    parser.add_argument(
+        "--keras-hub", action="store_true", help="also write a keras-hub preset (make)"
+    )
+    parser.add_argument(
+        "--skip-keras-hub", action="store_true", help="measure only our formats (measure)"
+    )
+    parser.add_argument(
+        "--only", help="measure only the cases whose label contains this text (measure)"
+    )
     args = parser.parse_args()
     if args.command == "make":
         make(args.directory, args.keras_hub)

@@ -15,7 +15,13 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 from keras_paligemma2 import distribution as dist  # noqa: E402
 
-MACHINES = [("v5e-1", 1, 16), ("v5e-4", 4, 16), ("v5e-8", 8, 16), ("v5e-16", 16, 16), ("v5e-32", 32, 16)]
+MACHINES = [
+    ("v5e-1", 1, 16),
+    ("v5e-4", 4, 16),
+    ("v5e-8", 8, 16),
+    ("v5e-16", 16, 16),
+    ("v5e-32", 32, 16),
+]
 MACHINES += [(f"{n} x 80 GB GPU", n, 80) for n in (1, 2, 4, 8)]
 
 
@@ -31,7 +37,11 @@ def cell(model, mode, devices, gib):
 
 def main():
     models = ("pg2_3b_224", "pg2_10b_224", "pg2_28b_224")
-    print("| machine | " + " | ".join(f"{m[4:-4].upper()} {mode}" for m in models for mode in dist.MODES) + " |")
+    print(
+        "| machine | "
+        + " | ".join(f"{m[4:-4].upper()} {mode}" for m in models for mode in dist.MODES)
+        + " |"
+    )
     print("|---" * (1 + 3 * len(models)) + "|")
     for name, devices, gib in MACHINES:
         row = [cell(m, mode, devices, gib) for m in models for mode in dist.MODES]

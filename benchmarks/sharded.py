@@ -19,7 +19,9 @@ import sys
 import tempfile
 import time
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
@@ -59,7 +61,9 @@ def _memory_gib(field):
 def load(preset, mesh, fsdp):
     """One load (no distribution when `mesh` is None), in this process."""
     baseline = _memory_gib("VmRSS")
-    scope = dist.model_parallel(CONFIG, mesh, fsdp=fsdp).scope() if mesh else contextlib.nullcontext()
+    scope = (
+        dist.model_parallel(CONFIG, mesh, fsdp=fsdp).scope() if mesh else contextlib.nullcontext()
+    )
     with scope:
         start = time.perf_counter()
         lm = PaliGemma2CausalLM.from_preset(preset)
@@ -72,14 +76,17 @@ def load(preset, mesh, fsdp):
             "token_ids": np.full((batch, 4), 2, "int32"),
             "padding_mask": np.ones((batch, 4), "int32"),
         }
-        tokens = lm.generate(x, max_new_tokens=4, stop_token_ids=None)["token_ids"]
+        lm.generate(x, max_new_tokens=4, stop_token_ids=None)  # Sharded decoding runs.
     peak = _memory_gib("VmHWM") - baseline
     line = f"load {seconds:.1f} s, per device {min(held.values()) / 2**30:.3f}-{max(held.values()) / 2**30:.3f} GiB"
     if mesh:
         planned = dist.plan(CONFIG, mesh, "inference", dtype="float32", fsdp=fsdp).parameters
         line += f" (planner {planned / 2**30:.3f} GiB)"
-    print(f"{line}; peak RSS above the {baseline:.2f} GiB after imports: {load_peak:.2f} GiB after loading, "
-          f"{peak:.2f} GiB after a greedy decode", flush=True)
+    print(
+        f"{line}; peak RSS above the {baseline:.2f} GiB after imports: {load_peak:.2f} GiB after loading, "
+        f"{peak:.2f} GiB after a greedy decode",
+        flush=True,
+    )
 
 
 def main():
@@ -95,7 +102,10 @@ def main():
         keras.utils.set_random_seed(0)
         PaliGemma2Backbone(**CONFIG).save_to_preset(preset)
         size = sum(os.path.getsize(os.path.join(preset, f)) for f in os.listdir(preset))
-        print(f"{jax.device_count()} {jax.devices()[0].platform} devices; preset {size / 2**30:.2f} GiB", flush=True)
+        print(
+            f"{jax.device_count()} {jax.devices()[0].platform} devices; preset {size / 2**30:.2f} GiB",
+            flush=True,
+        )
         # Each load in a fresh process, so that its peak RSS is its own.
         runs = [("one device", ["--mesh", "1", "1"])] + [
             (f"mesh {mesh} fsdp={fsdp}", ["--mesh", *map(str, mesh)] + (["--fsdp"] if fsdp else []))

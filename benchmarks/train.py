@@ -95,7 +95,9 @@ def run_one(model_name, mode, preset, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--child", nargs=3, metavar=("MODEL", "MODE", "PRESET"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", nargs=3, metavar=("MODEL", "MODE", "PRESET"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child:
         run_one(*args.child, args.steps)
@@ -114,12 +116,24 @@ def main():
             v.assign(rng.normal(size=v.shape).astype("float32") * 0.05)
         source.save_to_preset(preset)
         del source
-        print(f"batch {BATCH}, 224 px, {TEXT} text tokens, float32, shared benchmark config", flush=True)
+        print(
+            f"batch {BATCH}, 224 px, {TEXT} text tokens, float32, shared benchmark config",
+            flush=True,
+        )
         results = {}
         for mode in ("full", "lora"):
             for name in ("ours", "keras-hub"):
                 out = subprocess.run(
-                    [sys.executable, __file__, "--steps", str(args.steps), "--child", name, mode, preset],
+                    [
+                        sys.executable,
+                        __file__,
+                        "--steps",
+                        str(args.steps),
+                        "--child",
+                        name,
+                        mode,
+                        preset,
+                    ],
                     capture_output=True,
                     text=True,
                 )

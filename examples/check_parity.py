@@ -28,7 +28,9 @@ def big_vision():
     for name, key in (("tiny_f32.npz", "text_logits"), ("tiny.b16.npz", "text_logits_b16_params")):
         lm = PaliGemma2CausalLM.from_preset(FIXTURES / "bv_tiny" / name)
         logits = np.asarray(lm(inputs))
-        print(f"big_vision {name:14s} max |ours - big_vision| = {np.abs(logits - reference[key]).max():.2e}")
+        print(
+            f"big_vision {name:14s} max |ours - big_vision| = {np.abs(logits - reference[key]).max():.2e}"
+        )
 
 
 def hf():

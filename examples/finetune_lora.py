@@ -39,7 +39,10 @@ def accuracy(lm, data, batch_size=64):
     replies = []
     for start in range(0, len(data["prompts"]), batch_size):
         replies += lm.generate(
-            {"images": data["images"][start : start + batch_size], "prompts": data["prompts"][start : start + batch_size]},
+            {
+                "images": data["images"][start : start + batch_size],
+                "prompts": data["prompts"][start : start + batch_size],
+            },
             max_new_tokens=4,
         )
     return float(np.mean([r.strip() == a for r, a in zip(replies, data["responses"])]))
@@ -65,7 +68,10 @@ def main(argv=None):
 
     lm.enable_lora(rank=args.rank)
     trainable = sum(int(np.prod(v.shape)) for v in lm.trainable_variables)
-    print(f"LoRA rank {args.rank}: {trainable:,} trainable of {lm.count_params():,} parameters", flush=True)
+    print(
+        f"LoRA rank {args.rank}: {trainable:,} trainable of {lm.count_params():,} parameters",
+        flush=True,
+    )
     lm.compile(optimizer=keras.optimizers.Adam(args.learning_rate, global_clipnorm=1.0))
     start = time.time()
     history = lm.fit(train, batch_size=args.batch_size, epochs=args.epochs, verbose=2)

@@ -134,8 +134,14 @@ class PatchLabels(keras.utils.PyDataset):
                 rows = (centres >= top) & (centres < bottom)
                 cols = (centres >= left) & (centres < right)
                 inside = np.ix_(rows, cols)
-                kind[inside] = 1 + 4 * shapes.SHAPES.index(obj["shape"]) + list(shapes.COLOURS).index(obj["colour"])
-                edge[inside] = np.minimum(np.array(obj["box"]) * EDGE_BINS // shapes.SIZE, EDGE_BINS - 1)
+                kind[inside] = (
+                    1
+                    + 4 * shapes.SHAPES.index(obj["shape"])
+                    + list(shapes.COLOURS).index(obj["colour"])
+                )
+                edge[inside] = np.minimum(
+                    np.array(obj["box"]) * EDGE_BINS // shapes.SIZE, EDGE_BINS - 1
+                )
             images.append(image)
             kinds.append(kind.reshape(-1))
             edges.append(edge.reshape(-1, 4))
@@ -168,7 +174,9 @@ def pretrain_vision(lm, work, steps, batch_size, seed, learning_rate):
         ),
     }
     model = keras.Model(images, outputs)
-    schedule = keras.optimizers.schedules.CosineDecay(0.0, steps, warmup_target=learning_rate, warmup_steps=steps // 20)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, steps, warmup_target=learning_rate, warmup_steps=steps // 20
+    )
     model.compile(
         keras.optimizers.Adam(schedule, global_clipnorm=1.0),
         {
@@ -180,12 +188,18 @@ def pretrain_vision(lm, work, steps, batch_size, seed, learning_rate):
         },
     )
     start = time.time()
-    model.fit(PatchLabels(lm.preprocessor.image_converter, batch_size, steps, seed), epochs=1, verbose=2)
+    model.fit(
+        PatchLabels(lm.preprocessor.image_converter, batch_size, steps, seed), epochs=1, verbose=2
+    )
     test_images, test_labels, _ = PatchLabels(lm.preprocessor.image_converter, 500, 1, seed + 1)[0]
-    predicted = {name: logits.argmax(-1) for name, logits in model.predict(test_images, verbose=0).items()}
+    predicted = {
+        name: logits.argmax(-1) for name, logits in model.predict(test_images, verbose=0).items()
+    }
     on_objects = test_labels["kind"] > 0
     shape_of = lambda k: (k - 1) // len(shapes.COLOURS)  # noqa: E731
-    shape_accuracy = (shape_of(predicted["kind"][on_objects]) == shape_of(test_labels["kind"][on_objects])).mean()
+    shape_accuracy = (
+        shape_of(predicted["kind"][on_objects]) == shape_of(test_labels["kind"][on_objects])
+    ).mean()
     edge_error = np.abs(predicted["edges"] - test_labels["edges"])[on_objects]
     print(
         f"stage 1: {steps} steps in {time.time() - start:.0f} s; held-out on object patches: shape accuracy "
@@ -211,7 +225,9 @@ def smooth_location_embeddings(lm):
     frequencies = np.pi / 1024 * np.geomspace(1, 256, half)[None, :]
     smooth = np.concatenate([np.sin(bins * frequencies), np.cos(bins * frequencies)], axis=1)
     norm = np.linalg.norm(values, axis=1).mean()
-    values[start : start + 1024, : 2 * half] = smooth * norm / np.linalg.norm(smooth, axis=1, keepdims=True)
+    values[start : start + 1024, : 2 * half] = (
+        smooth * norm / np.linalg.norm(smooth, axis=1, keepdims=True)
+    )
     table.assign(values)
 
 
@@ -235,7 +251,9 @@ class QuickEval(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.every and (epoch + 1) % self.every == 0:
             scores = shapes.evaluate(self.model, count=self.images, seed=20_000)
-            print(f"  epoch {epoch + 1} held-out ({self.images} images): {_fmt(scores)}", flush=True)
+            print(
+                f"  epoch {epoch + 1} held-out ({self.images} images): {_fmt(scores)}", flush=True
+            )
 
 
 def _fmt(scores):
@@ -266,14 +284,21 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=5, help="epochs between quick evaluations")
+    parser.add_argument(
+        "--eval-every", type=int, default=5, help="epochs between quick evaluations"
+    )
     parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1 steps (batch 64)")
     parser.add_argument("--vision-learning-rate", type=float, default=1e-3)
     parser.add_argument(
-        "--train-vision", action="store_true", help="train the ViT in stage 2 too (default: frozen after stage 1)"
+        "--train-vision",
+        action="store_true",
+        help="train the ViT in stage 2 too (default: frozen after stage 1)",
     )
     parser.add_argument(
-        "--detect-weight", type=float, default=2.0, help="how much more often detection is drawn than each other task"
+        "--detect-weight",
+        type=float,
+        default=2.0,
+        help="how much more often detection is drawn than each other task",
     )
     parser.add_argument(
         "--smooth-locations",
@@ -311,7 +336,11 @@ def main():
     done = checkpoint.completed_epochs()
     if done < args.epochs:
         batches = ShapesBatches(
-            lm.preprocessor, args.batch_size, args.steps_per_epoch, args.seed, {"detect": args.detect_weight}
+            lm.preprocessor,
+            args.batch_size,
+            args.steps_per_epoch,
+            args.seed,
+            {"detect": args.detect_weight},
         )
         start = time.time()
         lm.fit(

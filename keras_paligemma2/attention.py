@@ -32,7 +32,6 @@ from keras import ops
 from keras_paligemma2.exact_attention import reference_attention
 from keras_paligemma2.flash_attention import flash_attention
 
-
 IMPLEMENTATIONS = ("xla", "pallas", "auto")
 _implementation = "xla"
 
@@ -41,7 +40,9 @@ def set_attention_implementation(name):
     """Chooses how `dot_product_attention` computes: "xla", "pallas" or "auto"."""
     global _implementation
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"Unknown attention implementation {name!r}; choose one of {IMPLEMENTATIONS}.")
+        raise ValueError(
+            f"Unknown attention implementation {name!r}; choose one of {IMPLEMENTATIONS}."
+        )
     _implementation = name
 
 
@@ -88,7 +89,9 @@ def dot_product_attention(query, key, value, mask=None, *, soft_cap=None):
         (B, T, N, H) in the dtype of `value`.
     """
     _check_groups(query, key)
-    chosen = choose_implementation(_implementation, mask is not None, soft_cap, jax.default_backend())
+    chosen = choose_implementation(
+        _implementation, mask is not None, soft_cap, jax.default_backend()
+    )
     if chosen == "pallas":
         return flash_attention(query, key, value, mask, soft_cap)
     if chosen == "jax_nn":
@@ -171,8 +174,6 @@ def make_attention_mask(
         in_window = distance < sliding_window
         # ops.equal, not `==`: on symbolic KerasTensors (the functional
         # backbone) `==` is Python's identity test and gives plain False.
-        both_prefix = ops.equal(query_blocks[:, :, None], 0) & ops.equal(
-            key_blocks[:, None, :], 0
-        )
+        both_prefix = ops.equal(query_blocks[:, :, None], 0) & ops.equal(key_blocks[:, None, :], 0)
         mask = mask & (in_window | both_prefix)
     return mask

@@ -13,9 +13,9 @@ from keras_paligemma2.decoder import DecoderBlock
 from keras_paligemma2.decoder import RMSNorm
 from keras_paligemma2.decoder import TokenEmbedding
 from keras_paligemma2.layouts import layout_map_for
-from keras_paligemma2.vision_encoder import VisionEncoder
 from keras_paligemma2.saving import DEFAULT_MAX_SHARD_SIZE_GB
 from keras_paligemma2.saving import atomic_directory
+from keras_paligemma2.vision_encoder import VisionEncoder
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma2")
@@ -145,9 +145,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             dtype=dtype,
             name="vision_encoder",
         )
-        self.image_projection = keras.layers.Dense(
-            hidden_dim, dtype=dtype, name="image_projection"
-        )
+        self.image_projection = keras.layers.Dense(hidden_dim, dtype=dtype, name="image_projection")
         self.token_embedding = TokenEmbedding(
             vocabulary_size, hidden_dim, dtype=dtype, name="token_embedding"
         )
@@ -166,9 +164,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             )
             for i in range(num_layers)
         ]
-        self.final_norm = RMSNorm(
-            epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm"
-        )
+        self.final_norm = RMSNorm(epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm")
 
         # === Functional model ===
         if num_images < 1:
@@ -181,26 +177,16 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             name="images",
         )
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-        padding_mask = keras.Input(
-            shape=(None,), dtype="int32", name="padding_mask"
-        )
-        response_mask = keras.Input(
-            shape=(None,), dtype="int32", name="response_mask"
-        )
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        response_mask = keras.Input(shape=(None,), dtype="int32", name="response_mask")
         image_tokens = self.embed_images(images)
         text_tokens = self.token_embedding(token_ids)
-        x = ops.concatenate(
-            [ops.cast(image_tokens, text_tokens.dtype), text_tokens], axis=1
-        )
-        valid, blocks, positions = self._sequence_layout(
-            padding_mask, response_mask
-        )
+        x = ops.concatenate([ops.cast(image_tokens, text_tokens.dtype), text_tokens], axis=1)
+        valid, blocks, positions = self._sequence_layout(padding_mask, response_mask)
         global_mask = make_attention_mask(valid, blocks)
         local_mask = global_mask
         if sliding_window_size is not None:
-            local_mask = make_attention_mask(
-                valid, blocks, sliding_window=sliding_window_size
-            )
+            local_mask = make_attention_mask(valid, blocks, sliding_window=sliding_window_size)
         for i, block in enumerate(self.decoder_blocks):
             mask = local_mask if self.is_local_layer(i, sliding_window_size) else global_mask
             x = block(x, positions, mask)
@@ -310,9 +296,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             (1, self.num_image_tokens), "int32"
         )
         valid = ops.concatenate([image_ones, text_valid], axis=1)
-        mask_ar = ops.concatenate(
-            [0 * image_ones, ops.cast(response_mask, "int32")], axis=1
-        )
+        mask_ar = ops.concatenate([0 * image_ones, ops.cast(response_mask, "int32")], axis=1)
         blocks = ops.cumsum(mask_ar, axis=1)
         positions = ops.cumsum(ops.ones_like(valid), axis=1) - 1
         return valid, blocks, positions
@@ -386,9 +370,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         """
         from keras_paligemma2.checkpoints import load_backbone
 
-        return load_backbone(
-            cls, preset, load_weights=load_weights, source=source, **overrides
-        )
+        return load_backbone(cls, preset, load_weights=load_weights, source=source, **overrides)
 
 
 _BACKBONE_INPUTS = ("images", "token_ids", "padding_mask", "response_mask")
@@ -431,9 +413,7 @@ def validate_backbone_inputs(inputs, image_size, num_images=1):
         )
     token_shape = tuple(ops.shape(inputs["token_ids"]))
     if len(token_shape) != 2:
-        raise ValueError(
-            f"`token_ids` must have shape (batch, length); got {token_shape}."
-        )
+        raise ValueError(f"`token_ids` must have shape (batch, length); got {token_shape}.")
     for key in ("padding_mask", "response_mask"):
         mask_shape = tuple(ops.shape(inputs[key]))
         if mask_shape != token_shape:
@@ -443,8 +423,7 @@ def validate_backbone_inputs(inputs, image_size, num_images=1):
             )
     if shape[0] is not None and token_shape[0] is not None and shape[0] != token_shape[0]:
         raise ValueError(
-            f"Batch sizes differ: {shape[0]} images but {token_shape[0]} token "
-            "sequences."
+            f"Batch sizes differ: {shape[0]} images but {token_shape[0]} token sequences."
         )
     _check_image_range(images)
 

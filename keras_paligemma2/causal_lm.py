@@ -206,7 +206,9 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             return out
         texts = []
         for row, row_mask in zip(tokens, mask):
-            kept = [int(t) for t, m in zip(row, row_mask) if m and int(t) not in (stop_token_ids or [])]
+            kept = [
+                int(t) for t, m in zip(row, row_mask) if m and int(t) not in (stop_token_ids or [])
+            ]
             texts.append(self.preprocessor.tokenizer.detokenize(kept) if kept else "")
         return texts[0] if single else texts
 
@@ -302,7 +304,9 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             x, labels, weights = self.preprocessor(inputs)
         else:
             missing = [
-                k for k in ("images", "token_ids", "padding_mask", "response_mask") if k not in inputs
+                k
+                for k in ("images", "token_ids", "padding_mask", "response_mask")
+                if k not in inputs
             ]
             if missing:
                 raise ValueError(f"score takes backbone inputs; missing {missing}.")
@@ -358,7 +362,9 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         if loss == "auto":
             loss = ResponseCrossEntropy(label_smoothing, loss_normalization)
         elif label_smoothing or loss_normalization != "per_example":
-            raise ValueError("label_smoothing and loss_normalization apply to the 'auto' loss only.")
+            raise ValueError(
+                "label_smoothing and loss_normalization apply to the 'auto' loss only."
+            )
         if weighted_metrics == "auto":
             weighted_metrics = [ResponseAccuracy(loss_normalization)]
         self.backbone.set_remat(remat)
@@ -397,7 +403,9 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         if order is not None:
             callbacks.append(order)
         if validation_data is not None:
-            validation_data, _, _ = self._training_data(validation_data, None, batch_size, False, seed)
+            validation_data, _, _ = self._training_data(
+                validation_data, None, batch_size, False, seed
+            )
         if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
             callbacks.append(StopOnNonFiniteLoss())
         return keras.Model.fit(
@@ -429,7 +437,9 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                     "model has none. Pass token ids, labels and sample weights instead."
                 )
             if y is not None:
-                raise ValueError("With raw examples the labels come from x['responses']; pass no y.")
+                raise ValueError(
+                    "With raw examples the labels come from x['responses']; pass no y."
+                )
             batches = RawBatches(self.preprocessor, x, batch_size or 32, shuffle, seed)
             return batches, None, EpochOrder(batches)
         if _is_tf_dataset(x) or inspect.isgenerator(x):
@@ -499,9 +509,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         """
         from keras_paligemma2.checkpoints import load_task
 
-        return load_task(
-            cls, preset, load_weights=load_weights, source=source, **overrides
-        )
+        return load_task(cls, preset, load_weights=load_weights, source=source, **overrides)
 
 
 def _is_raw(x):

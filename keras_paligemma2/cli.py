@@ -26,16 +26,26 @@ class UserError(Exception):
 
 
 def _add_model_arguments(parser):
-    parser.add_argument("--preset", default="pg2_tiny_shapes", help="preset name, checkpoint or directory "
-                        "(default pg2_tiny_shapes, the small model shipped with the package)")
+    parser.add_argument(
+        "--preset",
+        default="pg2_tiny_shapes",
+        help="preset name, checkpoint or directory "
+        "(default pg2_tiny_shapes, the small model shipped with the package)",
+    )
     _add_source_argument(parser)
     parser.add_argument("--dtype", help="variable dtype, e.g. bfloat16 (default: the checkpoint's)")
-    parser.add_argument("--lora", help="directory written by `finetune` with LoRA adapters to apply")
+    parser.add_argument(
+        "--lora", help="directory written by `finetune` with LoRA adapters to apply"
+    )
 
 
 def _add_source_argument(parser):
-    parser.add_argument("--from", dest="from_source", choices=["big_vision", "transformers", "keras_hub"],
-                        help="for a registered name: where to download the weights (default big_vision)")
+    parser.add_argument(
+        "--from",
+        dest="from_source",
+        choices=["big_vision", "transformers", "keras_hub"],
+        help="for a registered name: where to download the weights (default big_vision)",
+    )
 
 
 def _load(args):
@@ -44,14 +54,20 @@ def _load(args):
     overrides = {"dtype": args.dtype} if args.dtype else {}
     lm = PaliGemma2CausalLM.from_preset(args.preset, source=args.from_source, **overrides)
     if lm.preprocessor is None:
-        raise UserError(f"{args.preset!r} comes without a tokenizer; convert it from a source that has one.")
+        raise UserError(
+            f"{args.preset!r} comes without a tokenizer; convert it from a source that has one."
+        )
     if getattr(args, "lora", None):
         description = os.path.join(args.lora, "finetune.json")
         if not os.path.isfile(description):
-            raise UserError(f"{args.lora!r} holds no finetune.json: not a directory written by `finetune --lora-rank`.")
+            raise UserError(
+                f"{args.lora!r} holds no finetune.json: not a directory written by `finetune --lora-rank`."
+            )
         with open(description) as f:
             adapters = json.load(f)
-        lm.enable_lora(adapters["lora_rank"], adapters["lora_alpha"], tuple(adapters["lora_targets"]))
+        lm.enable_lora(
+            adapters["lora_rank"], adapters["lora_alpha"], tuple(adapters["lora_targets"])
+        )
         lm.load_lora_weights(os.path.join(args.lora, "lora.safetensors"))
     return lm
 
@@ -68,7 +84,9 @@ def _sampling(args):
 
 
 def _add_sampling_arguments(parser):
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)"
+    )
     parser.add_argument(
         "--temperature",
         type=float,
@@ -109,7 +127,9 @@ def _generate(args):
             f"{len(prompts)} prompts for {len(images)} images."
         )
     prompts = prompts * len(images) if len(prompts) == 1 else prompts
-    pixels = [to_rgb_array(path, i) for i, path in enumerate(images)]  # Bad images fail before loading.
+    pixels = [
+        to_rgb_array(path, i) for i, path in enumerate(images)
+    ]  # Bad images fail before loading.
     if args.annotate_dir and not os.path.isdir(args.annotate_dir):
         raise UserError(f"--annotate-dir {args.annotate_dir!r} is not a directory.")
     mask_decoder = None
@@ -120,7 +140,9 @@ def _generate(args):
     lm = _load(args)
     answers = []
     for chunk in _batches(list(zip(pixels, prompts)), args.batch_size):
-        answers += lm.generate({"images": [c[0] for c in chunk], "prompts": [c[1] for c in chunk]}, **_sampling(args))
+        answers += lm.generate(
+            {"images": [c[0] for c in chunk], "prompts": [c[1] for c in chunk]}, **_sampling(args)
+        )
     results = []
     for i, (path, image, prompt, answer) in enumerate(zip(images, pixels, prompts, answers)):
         entry = {"image": path, "prompt": prompt, "answer": answer}
@@ -129,7 +151,8 @@ def _generate(args):
             if mask_decoder is not None and prompt.startswith("segment"):
                 _add_masks(objects, mask_decoder, image.shape[:2])
             entry["objects"] = [
-                {"box": [round(float(v), 1) for v in o["box"]], "label": o["label"]} for o in objects
+                {"box": [round(float(v), 1) for v in o["box"]], "label": o["label"]}
+                for o in objects
             ]
             if args.annotate_dir:
                 stem = os.path.splitext(os.path.basename(path))[0]
@@ -181,7 +204,9 @@ def _finetune(args):
     if args.lora_rank is None:
         args.lora_rank = 0 if args.recipe else 8
     if args.lora:
-        raise UserError("finetune starts from --preset; merge adapters first (finetune --merge) to go on from them.")
+        raise UserError(
+            "finetune starts from --preset; merge adapters first (finetune --merge) to go on from them."
+        )
     lm = _load(args)
     if args.sequence_length:
         lm.preprocessor.sequence_length = args.sequence_length
@@ -203,7 +228,9 @@ def _finetune(args):
         seed=args.seed,
         epochs=args.epochs,
         callbacks=callbacks,
-        validation_data=({k: validation[k] for k in ("images", "prompts", "responses")} if validation else None),
+        validation_data=(
+            {k: validation[k] for k in ("images", "prompts", "responses")} if validation else None
+        ),
         verbose=2 if args.quiet_progress else "auto",
     )
     from keras_paligemma2.saving import atomic_directory
@@ -212,14 +239,19 @@ def _finetune(args):
     if args.lora_rank and not args.merge:
         with atomic_directory(output) as staging:
             lm.save_lora_weights(os.path.join(staging, "lora.safetensors"))
-            _write_json(os.path.join(staging, "finetune.json"), {
-                "base_preset": args.preset,
-                "lora_rank": args.lora_rank,
-                "lora_alpha": args.lora_alpha or args.lora_rank,
-                "lora_targets": list(targets),
-                "losses": losses,
-            })
-        print(f"Wrote LoRA adapters to {args.output}; use them with --preset {args.preset} --lora {args.output}.")
+            _write_json(
+                os.path.join(staging, "finetune.json"),
+                {
+                    "base_preset": args.preset,
+                    "lora_rank": args.lora_rank,
+                    "lora_alpha": args.lora_alpha or args.lora_rank,
+                    "lora_targets": list(targets),
+                    "losses": losses,
+                },
+            )
+        print(
+            f"Wrote LoRA adapters to {args.output}; use them with --preset {args.preset} --lora {args.output}."
+        )
     else:
         if args.lora_rank:
             lm.merge_lora()
@@ -250,8 +282,10 @@ def _evaluate(args):
     predictions = []
     with tqdm.tqdm(total=len(items), unit="example", desc="evaluating", disable=args.json) as bar:
         for chunk in _batches(items, args.batch_size):
-            predictions += lm.generate({"images": [c[0] for c in chunk], "prompts": [c[1] for c in chunk]},
-                                       **_sampling(args))
+            predictions += lm.generate(
+                {"images": [c[0] for c in chunk], "prompts": [c[1] for c in chunk]},
+                **_sampling(args),
+            )
             bar.update(len(chunk))
     results = {
         m: float(np.mean(evaluation.mask_ious(predictions, true_masks, mask_decoder)))
@@ -260,10 +294,13 @@ def _evaluate(args):
         for m in args.metric
     }
     if args.predictions:
-        _write_json(args.predictions, [
-            {"image": i, "prefix": p, "prediction": y, "answers": a}
-            for i, p, y, a in zip(data["images"], data["prompts"], predictions, data["answers"])
-        ])
+        _write_json(
+            args.predictions,
+            [
+                {"image": i, "prefix": p, "prediction": y, "answers": a}
+                for i, p, y, a in zip(data["images"], data["prompts"], predictions, data["answers"])
+            ],
+        )
     if args.json:
         print(json.dumps({"examples": len(items), **results}))
     else:
@@ -282,7 +319,9 @@ def _true_masks(args, data):
     masks = []
     for number, (image, mask) in enumerate(zip(data["images"], data["masks"]), 1):
         if mask is None:
-            raise UserError(f"{args.data} example {number}: --metric mask_miou needs a 'mask' image on every line.")
+            raise UserError(
+                f"{args.data} example {number}: --metric mask_miou needs a 'mask' image on every line."
+            )
         try:
             with PIL.Image.open(image) as picture:
                 size = picture.size
@@ -328,24 +367,39 @@ def _convert(args):
 
 def _plan(args):
     from keras_paligemma2 import distribution as dist
-
     from keras_paligemma2.presets import preset_config
 
     config = preset_config(args.model)
     meshes = dist.meshes(args.devices, args.batch_size)
     if not meshes:
-        raise UserError(f"No (data, model) mesh of {args.devices} devices has a data axis dividing batch {args.batch_size}.")
+        raise UserError(
+            f"No (data, model) mesh of {args.devices} devices has a data axis dividing batch {args.batch_size}."
+        )
     budget = args.device_memory * 2**30 * args.headroom if args.device_memory else None
     gib = 2**30
-    print(f"{args.mode}, batch {args.batch_size}, {args.sequence_length} text tokens, {args.dtype}"
-          + (", remat" if args.remat else "") + f"; GiB per device on {args.devices} device(s)")
-    print("| mesh (data x model) | parameters | gradients | optimizer | activations | KV cache | total |"
-          + (" fits |" if budget else ""))
+    print(
+        f"{args.mode}, batch {args.batch_size}, {args.sequence_length} text tokens, {args.dtype}"
+        + (", remat" if args.remat else "")
+        + f"; GiB per device on {args.devices} device(s)"
+    )
+    print(
+        "| mesh (data x model) | parameters | gradients | optimizer | activations | KV cache | total |"
+        + (" fits |" if budget else "")
+    )
     print("|---" * (7 + bool(budget)) + "|")
     chosen = None
     for shape in meshes:
-        p = dist.plan(config, shape, args.mode, args.batch_size, args.sequence_length, args.dtype,
-                      lora_rank=args.lora_rank, remat=args.remat, max_new_tokens=args.max_new_tokens)
+        p = dist.plan(
+            config,
+            shape,
+            args.mode,
+            args.batch_size,
+            args.sequence_length,
+            args.dtype,
+            lora_rank=args.lora_rank,
+            remat=args.remat,
+            max_new_tokens=args.max_new_tokens,
+        )
         fits = budget is not None and p.total <= budget
         if fits and chosen is None:
             chosen = shape
@@ -355,8 +409,10 @@ def _plan(args):
             row += (" chosen |" if shape == chosen else " yes |") if fits else " no |"
         print(row)
     if budget and chosen is None:
-        print(f"Nothing fits {args.headroom:.0%} of {args.device_memory} GiB per device: more devices, "
-              "--mode lora, --remat or a smaller batch.")
+        print(
+            f"Nothing fits {args.headroom:.0%} of {args.device_memory} GiB per device: more devices, "
+            "--mode lora, --remat or a smaller batch."
+        )
 
 
 # === Parser ===
@@ -370,27 +426,42 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     generate = commands.add_parser(
-        "generate", help="answer prompts about images",
+        "generate",
+        help="answer prompts about images",
         description="Answer prompts about images. Detection and segmentation answers are parsed into pixel boxes "
         "(and masks, with --mask-decoder) and drawn onto a copy of the image.",
     )
     _add_model_arguments(generate)
-    generate.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
-    generate.add_argument("--prompt", action="append", required=True,
-                          help="e.g. 'caption en', 'answer en what is this?', 'detect cat ; dog', 'segment cat', "
-                          "'ocr' (one for all images, one per image, or several about one image)")
+    generate.add_argument(
+        "--image", action="append", required=True, help="image file (repeat for several)"
+    )
+    generate.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="e.g. 'caption en', 'answer en what is this?', 'detect cat ; dog', 'segment cat', "
+        "'ocr' (one for all images, one per image, or several about one image)",
+    )
     _add_sampling_arguments(generate)
-    generate.add_argument("--batch-size", type=int, default=8, help="examples per generate call (default 8)")
+    generate.add_argument(
+        "--batch-size", type=int, default=8, help="examples per generate call (default 8)"
+    )
     generate.add_argument("--json", action="store_true", help="print the results as JSON")
-    generate.add_argument("--annotate-dir", default=".",
-                          help="where to write IMAGE_annotated.png for detect/segment prompts (default: here); "
-                          "'' writes none")
-    generate.add_argument("--mask-decoder", help="big_vision's vae-oid.npz, to turn <seg> codes into masks")
+    generate.add_argument(
+        "--annotate-dir",
+        default=".",
+        help="where to write IMAGE_annotated.png for detect/segment prompts (default: here); "
+        "'' writes none",
+    )
+    generate.add_argument(
+        "--mask-decoder", help="big_vision's vae-oid.npz, to turn <seg> codes into masks"
+    )
     generate.set_defaults(run=_generate)
 
     finetune = commands.add_parser(
-        "finetune", help="fine-tune on a JSONL data set (LoRA or full)",
-        description="Fine-tune on JSON Lines of {\"image\": path, \"prefix\": prompt, \"suffix\": response} "
+        "finetune",
+        help="fine-tune on a JSONL data set (LoRA or full)",
+        description='Fine-tune on JSON Lines of {"image": path, "prefix": prompt, "suffix": response} '
         "(big_vision's colab format; image paths relative to the file). With --lora-rank, writes the adapters "
         "(or, with --merge, the merged model); else trains per --recipe and writes a preset.",
     )
@@ -399,37 +470,69 @@ def build_parser():
     finetune.add_argument("--validation-data", help="JSONL file for the validation loss")
     finetune.add_argument("--output", required=True, help="directory to write the result to")
     finetune.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    finetune.add_argument("--lora-rank", type=int, help="LoRA rank (default 8, or no LoRA with --recipe); 0: no LoRA")
+    finetune.add_argument(
+        "--lora-rank", type=int, help="LoRA rank (default 8, or no LoRA with --recipe); 0: no LoRA"
+    )
     finetune.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
-    finetune.add_argument("--lora-targets", default="attention,mlp",
-                          help="comma-separated: attention, mlp, vit_attention, vit_mlp, image_projection")
-    finetune.add_argument("--merge", action="store_true", help="fold the adapters in and write a full preset")
-    finetune.add_argument("--recipe", choices=["attention_only", "decoder_only", "all"],
-                          help="full fine-tuning (no LoRA) of: attention only (big_vision's colab), the "
-                          "decoder only, or all weights")
+    finetune.add_argument(
+        "--lora-targets",
+        default="attention,mlp",
+        help="comma-separated: attention, mlp, vit_attention, vit_mlp, image_projection",
+    )
+    finetune.add_argument(
+        "--merge", action="store_true", help="fold the adapters in and write a full preset"
+    )
+    finetune.add_argument(
+        "--recipe",
+        choices=["attention_only", "decoder_only", "all"],
+        help="full fine-tuning (no LoRA) of: attention only (big_vision's colab), the "
+        "decoder only, or all weights",
+    )
     finetune.add_argument("--epochs", type=int, default=1)
     finetune.add_argument("--batch-size", type=int, default=8)
-    finetune.add_argument("--learning-rate", type=float, default=3e-5,
-                          help="peak of big_vision's cosine schedule (default 3e-5)")
-    finetune.add_argument("--sequence-length", type=int, help="text tokens per example (default: the preset's)")
-    finetune.add_argument("--checkpoint-dir", help="checkpoint every epoch here; a rerun resumes from it")
+    finetune.add_argument(
+        "--learning-rate",
+        type=float,
+        default=3e-5,
+        help="peak of big_vision's cosine schedule (default 3e-5)",
+    )
+    finetune.add_argument(
+        "--sequence-length", type=int, help="text tokens per example (default: the preset's)"
+    )
+    finetune.add_argument(
+        "--checkpoint-dir", help="checkpoint every epoch here; a rerun resumes from it"
+    )
     finetune.add_argument("--seed", type=int, default=0)
-    finetune.add_argument("--quiet-progress", action="store_true", help="one line per epoch, no progress bar")
+    finetune.add_argument(
+        "--quiet-progress", action="store_true", help="one line per epoch, no progress bar"
+    )
     finetune.set_defaults(run=_finetune)
 
     evaluate = commands.add_parser(
-        "evaluate", help="score a model on a JSONL data set",
+        "evaluate",
+        help="score a model on a JSONL data set",
         description="Generate for every line of a JSONL data set and score against its suffix (or its "
         "'answers' list).",
     )
     _add_model_arguments(evaluate)
     evaluate.add_argument("--data", required=True, help="JSONL file")
     evaluate.add_argument(
-        "--metric", action="append",
-        choices=["exact_match", "vqa_accuracy", "relaxed_accuracy", "anls", "cider", "box_iou", "mask_miou"],
+        "--metric",
+        action="append",
+        choices=[
+            "exact_match",
+            "vqa_accuracy",
+            "relaxed_accuracy",
+            "anls",
+            "cider",
+            "box_iou",
+            "mask_miou",
+        ],
         help="repeat for several (default exact_match); mask_miou needs --mask-decoder and a 'mask' image per line",
     )
-    evaluate.add_argument("--mask-decoder", help="big_vision's vae-oid.npz (for --metric mask_miou)")
+    evaluate.add_argument(
+        "--mask-decoder", help="big_vision's vae-oid.npz (for --metric mask_miou)"
+    )
     _add_sampling_arguments(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--predictions", help="also write every prediction to this JSON file")
@@ -447,31 +550,49 @@ def build_parser():
     )
     convert.add_argument("source", help="preset name (e.g. pg2_3b_224), file, directory or handle")
     convert.add_argument("destination", help="directory to write the preset to")
-    convert.add_argument("--dtype", help="variable dtype, e.g. bfloat16 or float32 (default: float32)")
+    convert.add_argument(
+        "--dtype", help="variable dtype, e.g. bfloat16 or float32 (default: float32)"
+    )
     _add_source_argument(convert)
     convert.add_argument(
-        "--max-shard-size", type=float, default=2, help="split weight files above this many GB (default 2)"
+        "--max-shard-size",
+        type=float,
+        default=2,
+        help="split weight files above this many GB (default 2)",
     )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     convert.set_defaults(run=_convert)
 
     plan = commands.add_parser(
-        "plan", help="per-device memory of a job on every mesh of N devices",
+        "plan",
+        help="per-device memory of a job on every mesh of N devices",
         description="The memory planner (keras_paligemma2.distribution.plan): bytes per device of parameters, "
         "gradients, optimizer state, activations and KV cache on every (data, model) mesh of --devices devices; "
         "with --device-memory, which fit and which auto_distribution would choose.",
     )
     plan.add_argument("model", help="preset name (e.g. pg2_10b_224) or Keras preset directory")
     plan.add_argument("--devices", type=int, default=1)
-    plan.add_argument("--device-memory", type=float, help="GiB per device (e.g. 16 for TPU v5e, 80 for H100)")
-    plan.add_argument("--headroom", type=float, default=0.9, help="usable fraction of device memory (default 0.9)")
+    plan.add_argument(
+        "--device-memory", type=float, help="GiB per device (e.g. 16 for TPU v5e, 80 for H100)"
+    )
+    plan.add_argument(
+        "--headroom", type=float, default=0.9, help="usable fraction of device memory (default 0.9)"
+    )
     plan.add_argument("--mode", choices=["inference", "lora", "full"], default="inference")
     plan.add_argument("--batch-size", type=int, default=8)
-    plan.add_argument("--sequence-length", type=int, default=64, help="text tokens per example (default 64)")
-    plan.add_argument("--max-new-tokens", type=int, default=64, help="inference: tokens to generate (default 64)")
-    plan.add_argument("--dtype", choices=["bfloat16", "float32", "mixed_bfloat16"], default="bfloat16")
+    plan.add_argument(
+        "--sequence-length", type=int, default=64, help="text tokens per example (default 64)"
+    )
+    plan.add_argument(
+        "--max-new-tokens", type=int, default=64, help="inference: tokens to generate (default 64)"
+    )
+    plan.add_argument(
+        "--dtype", choices=["bfloat16", "float32", "mixed_bfloat16"], default="bfloat16"
+    )
     plan.add_argument("--lora-rank", type=int, default=8)
-    plan.add_argument("--remat", action="store_true", help="training recomputes each block in the backward pass")
+    plan.add_argument(
+        "--remat", action="store_true", help="training recomputes each block in the backward pass"
+    )
     plan.set_defaults(run=_plan)
     return parser
 

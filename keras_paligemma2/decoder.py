@@ -32,9 +32,7 @@ class TokenEmbedding(keras.layers.Layer):
     def build(self, input_shape=None):
         self.embeddings = self.add_weight(
             shape=(self.vocabulary_size, self.hidden_dim),
-            initializer=keras.initializers.VarianceScaling(
-                1.0, "fan_in", "normal"
-            ),
+            initializer=keras.initializers.VarianceScaling(1.0, "fan_in", "normal"),
             name="embeddings",
         )
         self.built = True
@@ -57,9 +55,7 @@ class TokenEmbedding(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            vocabulary_size=self.vocabulary_size, hidden_dim=self.hidden_dim
-        )
+        config.update(vocabulary_size=self.vocabulary_size, hidden_dim=self.hidden_dim)
         return config
 
 
@@ -71,9 +67,7 @@ class RMSNorm(keras.layers.Layer):
         self.epsilon = epsilon
 
     def build(self, input_shape):
-        self.scale = self.add_weight(
-            shape=(input_shape[-1],), initializer="zeros", name="scale"
-        )
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="scale")
         self.built = True
 
     def call(self, x):
@@ -132,15 +126,9 @@ class DecoderAttention(keras.layers.Layer):
         hidden_dim = input_shape[-1]
         n, k, h = self.num_query_heads, self.num_key_value_heads, self.head_dim
         common = dict(dtype=self.dtype_policy)
-        self.query = keras.layers.EinsumDense(
-            "btd,ndh->btnh", (None, n, h), name="query", **common
-        )
-        self.key = keras.layers.EinsumDense(
-            "bsd,kdh->bskh", (None, k, h), name="key", **common
-        )
-        self.value = keras.layers.EinsumDense(
-            "bsd,kdh->bskh", (None, k, h), name="value", **common
-        )
+        self.query = keras.layers.EinsumDense("btd,ndh->btnh", (None, n, h), name="query", **common)
+        self.key = keras.layers.EinsumDense("bsd,kdh->bskh", (None, k, h), name="key", **common)
+        self.value = keras.layers.EinsumDense("bsd,kdh->bskh", (None, k, h), name="value", **common)
         self.output_projection = keras.layers.EinsumDense(
             "btnh,nhd->btd", (None, hidden_dim), name="output", **common
         )
@@ -160,17 +148,13 @@ class DecoderAttention(keras.layers.Layer):
         query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
         if kv_cache is not None:
             new_kv = ops.cast(ops.stack([key, value], axis=1), kv_cache.dtype)
-            kv_cache = ops.slice_update(
-                kv_cache, (0, 0, cache_index, 0, 0), new_kv
-            )
+            kv_cache = ops.slice_update(kv_cache, (0, 0, cache_index, 0, 0), new_kv)
             # The mask's key axis says what is attended: the whole cache, or
             # (a prefill into an empty cache) only the keys just written.
             attended_kv = kv_cache if attention_mask.shape[-1] != key.shape[1] else new_kv
             key = ops.cast(attended_kv[:, 0], key.dtype)
             value = ops.cast(attended_kv[:, 1], value.dtype)
-        encoded = dot_product_attention(
-            query, key, value, attention_mask, soft_cap=self.soft_cap
-        )
+        encoded = dot_product_attention(query, key, value, attention_mask, soft_cap=self.soft_cap)
         output = self.output_projection(encoded)
         return output if kv_cache is None else (output, kv_cache)
 
@@ -287,7 +271,9 @@ class DecoderBlock(keras.layers.Layer):
             return keras.remat(self._forward)(x, positions, attention_mask)
         return self._forward(x, positions, attention_mask, kv_cache, cache_index, last_only)
 
-    def _forward(self, x, positions, attention_mask, kv_cache=None, cache_index=None, last_only=False):
+    def _forward(
+        self, x, positions, attention_mask, kv_cache=None, cache_index=None, last_only=False
+    ):
         attended = self.attention(
             self.pre_attention_norm(x),
             positions,
@@ -304,7 +290,9 @@ class DecoderBlock(keras.layers.Layer):
         x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
         return x if kv_cache is None else (x, kv_cache)
 
-    def compute_output_spec(self, x, positions, attention_mask, kv_cache=None, cache_index=None, last_only=False):
+    def compute_output_spec(
+        self, x, positions, attention_mask, kv_cache=None, cache_index=None, last_only=False
+    ):
         # Declared rather than traced: tracing every block while building a
         # functional model costs seconds for the 26-46 layer models.
         shape = (x.shape[0], 1, x.shape[2]) if last_only else x.shape

@@ -75,7 +75,13 @@ class Plan:
 
     @property
     def total(self):
-        return self.parameters + self.gradients + self.optimizer_state + self.activations + self.kv_cache
+        return (
+            self.parameters
+            + self.gradients
+            + self.optimizer_state
+            + self.activations
+            + self.kv_cache
+        )
 
     def __str__(self):
         gib = 2**30
@@ -147,15 +153,30 @@ def plan(
         gradients, optimizer_state = lora, 2 * lora
         parameters += lora
     local_batch = -(-batch_size // data)
-    activations = _activations(config, mode, local_batch, sequence_length, model, compute_bytes, remat)
+    activations = _activations(
+        config, mode, local_batch, sequence_length, model, compute_bytes, remat
+    )
     kv_cache = 0
     if mode == "inference":
         patches = (config["image_size"] // config["patch_size"]) ** 2
         cache_len = patches + sequence_length + max_new_tokens
         kv = config["num_key_value_heads"] * config["head_dim"]
-        kv_split = model if (config["num_key_value_heads"] % model == 0 or config["head_dim"] % model == 0) else 1
-        kv_cache = 2 * config["num_layers"] * local_batch * cache_len * kv * compute_bytes // kv_split
-    return Plan((data, model), int(parameters), int(gradients), int(optimizer_state), int(activations), int(kv_cache))
+        kv_split = (
+            model
+            if (config["num_key_value_heads"] % model == 0 or config["head_dim"] % model == 0)
+            else 1
+        )
+        kv_cache = (
+            2 * config["num_layers"] * local_batch * cache_len * kv * compute_bytes // kv_split
+        )
+    return Plan(
+        (data, model),
+        int(parameters),
+        int(gradients),
+        int(optimizer_state),
+        int(activations),
+        int(kv_cache),
+    )
 
 
 def _lora_parameters(config, rank):
@@ -182,11 +203,25 @@ def _activations(config, mode, batch, text, model, itemsize, remat):
     seq = patches + text
     d, layers = config["hidden_dim"], config["num_layers"]
     decoder = _block_bytes(
-        batch * seq, d, config["intermediate_dim"], config["num_query_heads"], config["head_dim"], seq, model, itemsize
+        batch * seq,
+        d,
+        config["intermediate_dim"],
+        config["num_query_heads"],
+        config["head_dim"],
+        seq,
+        model,
+        itemsize,
     )
     w = config["vit_hidden_dim"]
     vit = _block_bytes(
-        batch * patches, w, config["vit_intermediate_dim"], config["vit_num_heads"], w // config["vit_num_heads"], patches, model, itemsize
+        batch * patches,
+        w,
+        config["vit_intermediate_dim"],
+        config["vit_num_heads"],
+        w // config["vit_num_heads"],
+        patches,
+        model,
+        itemsize,
     )
     logits = 2 * batch * text * config["vocabulary_size"] * 4 / model
     if mode == "inference":
@@ -230,7 +265,10 @@ def auto_distribution(
             )
     budget = headroom * device_memory
     shapes = meshes(len(devices), batch_size)
-    plans = [plan(config, shape, mode, batch_size, sequence_length, dtype, **plan_kwargs) for shape in shapes]
+    plans = [
+        plan(config, shape, mode, batch_size, sequence_length, dtype, **plan_kwargs)
+        for shape in shapes
+    ]
     for candidate in plans:
         if candidate.total <= budget:
             fsdp = plan_kwargs.get("fsdp")

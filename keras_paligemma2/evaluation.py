@@ -39,8 +39,8 @@ import re
 
 import numpy as np
 
-from keras_paligemma2.task_outputs import paste_mask
 from keras_paligemma2.task_outputs import parse_detections
+from keras_paligemma2.task_outputs import paste_mask
 
 
 def exact_match(prediction, answers):
@@ -70,7 +70,9 @@ def relaxed_accuracy(prediction, answers, max_relative_change=0.05):
 # The official VQA evaluation's normalisation tables. Its contraction table
 # also has capitalised keys ("Im"), which never match after lower-casing and
 # are left out here.
-_VQA_CONTRACTIONS = dict(pair.split(":") for pair in """
+_VQA_CONTRACTIONS = dict(
+    pair.split(":")
+    for pair in """
 aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've
 couldnt've:couldn't've didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've
 hadn'tve:hadn't've hasnt:hasn't havent:haven't hed:he'd hed've:he'd've he'dve:he'd've hes:he's
@@ -93,10 +95,16 @@ whyre:why're whys:why's wont:won't wouldve:would've wouldnt:wouldn't wouldnt've:
 wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've
 y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've you'dve:you'd've
 youll:you'll youre:you're youve:you've
-""".split())
+""".split()
+)
 _VQA_REPLACEMENTS = {
     **_VQA_CONTRACTIONS,
-    **dict(zip("none zero one two three four five six seven eight nine ten".split(), "0 0 1 2 3 4 5 6 7 8 9 10".split())),
+    **dict(
+        zip(
+            "none zero one two three four five six seven eight nine ten".split(),
+            "0 0 1 2 3 4 5 6 7 8 9 10".split(),
+        )
+    ),
 }
 _VQA_PUNCTUATION = ';/[]"{}()=+\\_->' + "<@`,?!"
 _VQA_ARTICLES = {"a", "an", "the"}
@@ -176,7 +184,9 @@ def coco_caption_tokens(text):
 
 
 def _ngram_counts(tokens, max_n):
-    return collections.Counter(tuple(tokens[i : i + n]) for n in range(1, max_n + 1) for i in range(len(tokens) - n + 1))
+    return collections.Counter(
+        tuple(tokens[i : i + n]) for n in range(1, max_n + 1) for i in range(len(tokens) - n + 1)
+    )
 
 
 def ptb_tokenize(texts):
@@ -234,14 +244,19 @@ def cider(predictions, references, max_n=4, sigma=6.0, tokenize="ptb"):
     elif tokenize == "python":
         tokenize = coco_caption_tokens
     elif not callable(tokenize):
-        raise ValueError(f"tokenize must be one of {CAPTION_TOKENIZERS} or a function; got {tokenize!r}.")
+        raise ValueError(
+            f"tokenize must be one of {CAPTION_TOKENIZERS} or a function; got {tokenize!r}."
+        )
     hypotheses = [_ngram_counts(tokenize(p), max_n) for p in predictions]
     references = [[_ngram_counts(tokenize(r), max_n) for r in refs] for refs in references]
     document_frequency = collections.Counter(g for refs in references for g in set().union(*refs))
     log_examples = np.log(len(references))
 
     def weigh(counts):
-        weights = {g: c * (log_examples - np.log(max(1.0, document_frequency[g]))) for g, c in counts.items()}
+        weights = {
+            g: c * (log_examples - np.log(max(1.0, document_frequency[g])))
+            for g, c in counts.items()
+        }
         norms = np.zeros(max_n)
         for g, w in weights.items():
             norms[len(g) - 1] += w * w
@@ -269,7 +284,9 @@ def levenshtein(a, b):
     for i, char_a in enumerate(a, 1):
         current = [i]
         for j, char_b in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+            current.append(
+                min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
+            )
         previous = current
     return previous[-1]
 
@@ -338,10 +355,18 @@ def mask_ious(predictions, true_masks, mask_decoder):
         match = _SEGMENT_ANSWER.match(text) if isinstance(text, str) else None
         bins = [int(b) for b in re.findall(r"\d{4}", match.group(1))] if match else []
         codes = [int(c) for c in re.findall(r"\d{3}", match.group(2))] if match else []
-        valid = bool(match) and max(bins) <= 1023 and max(codes) < 128 and bins[2] > bins[0] and bins[3] > bins[1]
+        valid = (
+            bool(match)
+            and max(bins) <= 1023
+            and max(codes) < 128
+            and bins[2] > bins[0]
+            and bins[3] > bins[1]
+        )
         parsed.append((bins, codes) if valid else None)
     ready = [p for p in parsed if p is not None]
-    logits = iter(np.asarray(mask_decoder(np.array([codes for _, codes in ready], "int32"))) if ready else [])
+    logits = iter(
+        np.asarray(mask_decoder(np.array([codes for _, codes in ready], "int32"))) if ready else []
+    )
     ious = []
     for answer, truth in zip(parsed, true_masks):
         truth = np.asarray(truth, bool)
@@ -350,7 +375,11 @@ def mask_ious(predictions, true_masks, mask_decoder):
             continue
         height, width = truth.shape
         y_min, x_min, y_max, x_max = (b / 1023 for b in answer[0])
-        predicted = paste_mask(next(logits), (y_min * height, x_min * width, y_max * height, x_max * width), (height, width))
+        predicted = paste_mask(
+            next(logits),
+            (y_min * height, x_min * width, y_max * height, x_max * width),
+            (height, width),
+        )
         intersection = (predicted & truth).sum()
         union = predicted.sum() + truth.sum() - intersection
         ious.append(float(intersection / union) if union else 1.0)
@@ -373,7 +402,9 @@ def score(metric, predictions, answers):
     """`metric` (a name in `METRICS` or `CORPUS_METRICS`) over a data set:
     the mean of the per-example scores, or the corpus score."""
     if metric not in METRICS and metric not in CORPUS_METRICS:
-        raise ValueError(f"Unknown metric {metric!r}; choose one of {sorted({**METRICS, **CORPUS_METRICS})}.")
+        raise ValueError(
+            f"Unknown metric {metric!r}; choose one of {sorted({**METRICS, **CORPUS_METRICS})}."
+        )
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} examples.")
     if metric in CORPUS_METRICS:

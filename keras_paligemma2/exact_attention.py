@@ -38,9 +38,7 @@ def reference_attention(query, key, value, mask=None, *, soft_cap=None):
     query = jnp.transpose(query, (0, 2, 3, 1, 4))  # (B, K, G, T, H)
     key = jnp.transpose(key, (0, 2, 3, 1))  # (B, K, H, S)
     value_kv = jnp.transpose(value, (0, 2, 1, 3))  # (B, K, S, H)
-    logits = jnp.einsum(
-        "BKGTH,BKHS->BKGTS", query, key, preferred_element_type=jnp.float32
-    )
+    logits = jnp.einsum("BKGTH,BKHS->BKGTS", query, key, preferred_element_type=jnp.float32)
     if soft_cap:
         logits = jnp.tanh(logits / soft_cap) * soft_cap
     if mask is not None:

@@ -53,7 +53,10 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, *, soft_cap, block_k, key_len)
         probs = jnp.exp(logits - new_max[:, None])
         values = v_ref[keys, :]
         acc = acc * rescale[:, None] + jax.lax.dot_general(
-            probs.astype(values.dtype), values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            probs.astype(values.dtype),
+            values,
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
         )
         return acc, new_max, running_sum * rescale + probs.sum(axis=-1)
 
@@ -109,7 +112,9 @@ def _forward(query, key, value, mask, soft_cap, block_q, block_k, interpret):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def flash_attention(query, key, value, mask=None, soft_cap=None, block_q=64, block_k=64, interpret=None):
+def flash_attention(
+    query, key, value, mask=None, soft_cap=None, block_q=64, block_k=64, interpret=None
+):
     """`attention.dot_product_attention` as one fused Pallas kernel.
 
     Args:
@@ -132,7 +137,9 @@ def _flash_fwd(query, key, value, mask, soft_cap, block_q, block_k, interpret):
 
 def _flash_bwd(soft_cap, block_q, block_k, interpret, residuals, grad):
     query, key, value, mask = residuals
-    _, pullback = jax.vjp(lambda q, k, v: reference_attention(q, k, v, mask, soft_cap=soft_cap), query, key, value)
+    _, pullback = jax.vjp(
+        lambda q, k, v: reference_attention(q, k, v, mask, soft_cap=soft_cap), query, key, value
+    )
     return (*pullback(grad), None)
 
 

@@ -154,10 +154,14 @@ class Decoder:
         rng = jax.random.key(sampler.seed)
         return self._compiled[key](values, jnp.asarray(images), aligned, valid, stop, rng)
 
-    def _generate(self, values, images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits):
+    def _generate(
+        self, values, images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits
+    ):
         backbone = self.backbone
         with keras.StatelessScope(state_mapping=list(zip(backbone.variables, values))):
-            return self._decode(images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits)
+            return self._decode(
+                images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits
+            )
 
     def _prefill(self, images, token_ids, valid, max_new_tokens):
         """Image + prompt as one bidirectional block into a fresh cache.
@@ -248,7 +252,9 @@ class Decoder:
                 cache_index=slot,
             )
             new_caches.append(cache)
-        logits = self.lm.text_logits(backbone.final_norm(x), decode_step=True, soft_cap=soft_cap)[:, 0]
+        logits = self.lm.text_logits(backbone.final_norm(x), decode_step=True, soft_cap=soft_cap)[
+            :, 0
+        ]
         return logits, (new_caches, cache_valid, cache_positions, lengths)
 
     def _layer_kinds(self):
@@ -310,7 +316,10 @@ class Decoder:
         if key not in self._compiled:
             self._compiled[key] = jax.jit(
                 functools.partial(
-                    self._beam, max_new_tokens=int(max_new_tokens), beam_size=int(beam_size), eos=int(eos)
+                    self._beam,
+                    max_new_tokens=int(max_new_tokens),
+                    beam_size=int(beam_size),
+                    eos=int(eos),
                 )
             )
         values = [v.value for v in self.backbone.variables]

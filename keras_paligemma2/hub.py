@@ -31,8 +31,7 @@ def _explain(error, repo_id, what, command):
     # LocalEntryNotFoundError an EntryNotFoundError.
     if isinstance(error, hub_errors.GatedRepoError):
         return DownloadError(
-            f"Access to {repo_id} was refused while fetching {what}. "
-            + _licence_hint(repo_id)
+            f"Access to {repo_id} was refused while fetching {what}. " + _licence_hint(repo_id)
         )
     if isinstance(error, hub_errors.RepositoryNotFoundError):
         return DownloadError(
@@ -65,9 +64,7 @@ def download_file(repo_id, filename, revision=None):
             repo_id=repo_id, filename=filename, revision=revision
         )
     except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, OSError) as error:
-        raise _explain(
-            error, repo_id, filename, f"hf download {repo_id} {filename}"
-        ) from error
+        raise _explain(error, repo_id, filename, f"hf download {repo_id} {filename}") from error
 
 
 def download_repository(repo_id, allow_patterns, revision=None):
@@ -77,6 +74,4 @@ def download_repository(repo_id, allow_patterns, revision=None):
             repo_id=repo_id, allow_patterns=list(allow_patterns), revision=revision
         )
     except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, OSError) as error:
-        raise _explain(
-            error, repo_id, "the repository files", f"hf download {repo_id}"
-        ) from error
+        raise _explain(error, repo_id, "the repository files", f"hf download {repo_id}") from error

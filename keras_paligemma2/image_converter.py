@@ -241,7 +241,7 @@ def _to_levels(pixels, where):
         return pixels
     if dtype == np.uint16:
         return (pixels >> 8).astype(np.uint8)  # TensorFlow's 16-bit PNG decode.
-    if dtype == bool:
+    if dtype == np.bool_:
         raise ValueError(
             f"{where} is a boolean array: as a mask it has no colours. Pass uint8 "
             "levels (e.g. `mask.astype(np.uint8) * 255`)."
@@ -262,8 +262,7 @@ def _to_levels(pixels, where):
         low, high = float(pixels.min()), float(pixels.max())
         if low < 0 or high > 255:
             raise ValueError(
-                f"{where} has values in [{low:.3g}, {high:.3g}]; float images must "
-                "be in [0, 255]."
+                f"{where} has values in [{low:.3g}, {high:.3g}]; float images must be in [0, 255]."
             )
         if 0 < high <= 1.0:
             raise ValueError(

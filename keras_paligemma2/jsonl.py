@@ -45,7 +45,9 @@ def read_jsonl(path, need_suffix=True):
                 raise DataError(f"{where}: not JSON ({error.msg}).") from None
             if not isinstance(example, dict):
                 raise DataError(f"{where}: expected an object with image, prefix and suffix.")
-            needed = ("image", "prefix") + (("suffix",) if need_suffix and "answers" not in example else ())
+            needed = ("image", "prefix") + (
+                ("suffix",) if need_suffix and "answers" not in example else ()
+            )
             for key in needed:
                 if not isinstance(example.get(key), str):
                     problem = "missing" if key not in example else "not a string"
@@ -62,7 +64,9 @@ def read_jsonl(path, need_suffix=True):
                     raise DataError(f"{where}: 'mask' must be an image file name.")
                 mask = os.path.join(base, mask)
                 if not os.path.isfile(mask):
-                    raise DataError(f"{where}: no mask file {example['mask']!r} (looked in {base}).")
+                    raise DataError(
+                        f"{where}: no mask file {example['mask']!r} (looked in {base})."
+                    )
             data["masks"].append(mask)
             data["images"].append(image)
             data["prompts"].append(example["prefix"])

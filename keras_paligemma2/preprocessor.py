@@ -170,8 +170,7 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
     def call(self, x, y=None, sample_weight=None, sequence_length=None):
         if y is not None or sample_weight is not None:
             raise ValueError(
-                "Pass responses inside x as x['responses']; labels and weights "
-                "are made from them."
+                "Pass responses inside x as x['responses']; labels and weights are made from them."
             )
         x = _check_keys(x, required=("images", "prompts", "responses"))
         length = (sequence_length or self.sequence_length) + 1
@@ -214,8 +213,7 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
             converted = converted[None]
         if len(converted) != batch:
             raise ValueError(
-                f"{len(converted)} images but {batch} prompts; give one image "
-                "per prompt."
+                f"{len(converted)} images but {batch} prompts; give one image per prompt."
             )
         return converted
 
@@ -265,9 +263,7 @@ def _as_list(texts, name):
 
 def _check_keys(x, required):
     if not isinstance(x, dict):
-        raise ValueError(
-            f"Pass a dict with keys {list(required)}; got {type(x).__name__}."
-        )
+        raise ValueError(f"Pass a dict with keys {list(required)}; got {type(x).__name__}.")
     missing = [k for k in required if k not in x]
     if missing:
         raise ValueError(f"Missing keys {missing}; expected {list(required)}.")

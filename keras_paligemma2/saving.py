@@ -16,7 +16,9 @@ def atomic_file(path, mode="wb"):
     replaces `path` (flushed and synced) only if the block succeeds; on any
     error it is removed and `path` is left as it was."""
     path = os.path.abspath(os.fspath(path))
-    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
+    handle, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path)
+    )
     try:
         # mkstemp makes it private (0600); give it what open() would.
         os.chmod(tmp, 0o666 & ~_umask())

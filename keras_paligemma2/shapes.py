@@ -26,7 +26,12 @@ from keras_paligemma2.task_outputs import parse_detections
 
 SIZE = 224
 SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 200, 20),
+}
 MIN_SIDE, MAX_SIDE = 40, 80
 TASKS = ("caption", "detect", "count", "colour")
 
@@ -75,7 +80,10 @@ def draw_scene(rng):
         elif obj["shape"] == "square":
             pen.rectangle((left, top, right - 1, bottom - 1), fill=fill)
         else:
-            pen.polygon([((left + right - 1) / 2, top), (left, bottom - 1), (right - 1, bottom - 1)], fill=fill)
+            pen.polygon(
+                [((left + right - 1) / 2, top), (left, bottom - 1), (right - 1, bottom - 1)],
+                fill=fill,
+            )
     objects.sort(key=lambda o: (o["box"][1] + o["box"][3]) / 2)
     return np.asarray(image), objects
 

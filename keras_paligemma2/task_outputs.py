@@ -17,9 +17,7 @@ import keras
 import numpy as np
 import PIL.Image
 
-_OBJECT = re.compile(
-    r"((?:<loc\d{4}>){4})((?:<seg\d{3}>){16})?\s*([^<;]*?)\s*(?=;|<loc|$)"
-)
+_OBJECT = re.compile(r"((?:<loc\d{4}>){4})((?:<seg\d{3}>){16})?\s*([^<;]*?)\s*(?=;|<loc|$)")
 
 
 def parse_detections(text, image_size=None):
@@ -64,7 +62,12 @@ def format_detections(objects, image_size=None):
         y_min, x_min, y_max, x_max = obj["box"]
         if image_size is not None:
             height, width = image_size
-            y_min, y_max, x_min, x_max = y_min / height, y_max / height, x_min / width, x_max / width
+            y_min, y_max, x_min, x_max = (
+                y_min / height,
+                y_max / height,
+                x_min / width,
+                x_max / width,
+            )
         bins = [int(round(min(max(v, 0.0), 1.0) * 1023)) for v in (y_min, x_min, y_max, x_max)]
         tokens = "".join(f"<loc{b:04d}>" for b in bins)
         tokens += "".join(f"<seg{c:03d}>" for c in obj.get("codes", ()))
@@ -157,7 +160,9 @@ class MaskDecoder(keras.Model):
             with np.load(path, allow_pickle=False) as data:
                 weights = {k: data[k] for k in data.files}
         except (OSError, ValueError) as error:
-            raise CheckpointError(f"Cannot read {path!r} as a mask decoder .npz ({error}).") from error
+            raise CheckpointError(
+                f"Cannot read {path!r} as a mask decoder .npz ({error})."
+            ) from error
         needed = ["_vq_vae._embedding"] + [
             f"{name}.{part}"
             for name in ["decoder.0", "decoder.12"]
@@ -171,7 +176,9 @@ class MaskDecoder(keras.Model):
                 f"{path!r} is not big_vision's mask decoder (vae-oid.npz): missing {missing}."
             )
         num_codes, code_dim = weights["_vq_vae._embedding"].shape
-        decoder = cls(num_codes=num_codes, code_dim=code_dim, width=weights["decoder.0.bias"].shape[0])
+        decoder = cls(
+            num_codes=num_codes, code_dim=code_dim, width=weights["decoder.0.bias"].shape[0]
+        )
 
         def conv(layer, name):  # PyTorch (out, in, kh, kw) or (in, out, kh, kw) for transposed.
             layer.kernel.assign(np.transpose(weights[name + ".weight"], (2, 3, 1, 0)))
@@ -208,7 +215,14 @@ def paste_mask(mask_logits, box, image_size):
     return mask
 
 
-_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
+_COLOURS = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+)
 
 
 def draw(image, objects, path=None):

@@ -33,7 +33,6 @@ from keras_paligemma2.saving import atomic_file
 from keras_paligemma2.saving import read_state
 from keras_paligemma2.saving import write_state
 
-
 LOSS_NORMALIZATIONS = ("per_example", "per_token")
 
 
@@ -294,7 +293,9 @@ class BigVisionAdam(keras.optimizers.Optimizer):
     ):
         for unsupported in ("clipnorm", "clipvalue", "weight_decay_decouple"):
             if kwargs.pop(unsupported, None) is not None:
-                raise ValueError(f"BigVisionAdam takes no {unsupported}: big_vision clips by global norm.")
+                raise ValueError(
+                    f"BigVisionAdam takes no {unsupported}: big_vision clips by global norm."
+                )
         schedule = big_vision_schedule(total_steps, learning_rate, warmup_fraction)
         super().__init__(
             learning_rate=schedule,
@@ -379,7 +380,9 @@ class BigVisionAdam(keras.optimizers.Optimizer):
         config = super().get_config()
         config.pop("learning_rate", None)
         if callable(self.weight_decay_mults):
-            raise ValueError("A BigVisionAdam with a function for weight_decay_mults cannot be serialised.")
+            raise ValueError(
+                "A BigVisionAdam with a function for weight_decay_mults cannot be serialised."
+            )
         config.update(
             total_steps=self.total_steps,
             learning_rate=self.peak_learning_rate,
@@ -487,7 +490,9 @@ def preprocessed_dataset(data, preprocessor, image_rank=4):
     keys = ("images", "prompts", "responses")
     missing = [k for k in keys if k not in spec]
     if missing:
-        raise ValueError(f"The dataset's elements lack {missing}; give images, prompts and responses.")
+        raise ValueError(
+            f"The dataset's elements lack {missing}; give images, prompts and responses."
+        )
 
     def run(*values):
         x, y, weights = _preprocess_raw(preprocessor, dict(zip(keys, values)))
@@ -551,7 +556,9 @@ def _preprocess(preprocessor, batch):
 def _strings(values):
     if isinstance(values, (str, bytes)):
         values = [values]
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(values).tolist()]
+    return [
+        v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(values).tolist()
+    ]
 
 
 def _image(value):

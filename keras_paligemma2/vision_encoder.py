@@ -23,21 +23,13 @@ class VisionAttention(keras.layers.Layer):
     def build(self, input_shape):
         width = input_shape[-1]
         if width % self.num_heads:
-            raise ValueError(
-                f"ViT width {width} is not divisible by {self.num_heads} heads."
-            )
+            raise ValueError(f"ViT width {width} is not divisible by {self.num_heads} heads.")
         n, h = self.num_heads, width // self.num_heads
         self.head_dim = h
         common = dict(bias_axes="nh", dtype=self.dtype_policy)
-        self.query = keras.layers.EinsumDense(
-            "btw,wnh->btnh", (None, n, h), name="query", **common
-        )
-        self.key = keras.layers.EinsumDense(
-            "btw,wnh->btnh", (None, n, h), name="key", **common
-        )
-        self.value = keras.layers.EinsumDense(
-            "btw,wnh->btnh", (None, n, h), name="value", **common
-        )
+        self.query = keras.layers.EinsumDense("btw,wnh->btnh", (None, n, h), name="query", **common)
+        self.key = keras.layers.EinsumDense("btw,wnh->btnh", (None, n, h), name="key", **common)
+        self.value = keras.layers.EinsumDense("btw,wnh->btnh", (None, n, h), name="value", **common)
         self.output_projection = keras.layers.EinsumDense(
             "btnh,nhw->btw",
             (None, width),
@@ -77,9 +69,7 @@ class VisionBlock(keras.layers.Layer):
         width = input_shape[-1]
         common = dict(dtype=self.dtype_policy)
         norm = dict(epsilon=self.layer_norm_epsilon, **common)
-        self.attention_norm = keras.layers.LayerNormalization(
-            name="attention_norm", **norm
-        )
+        self.attention_norm = keras.layers.LayerNormalization(name="attention_norm", **norm)
         self.attention = VisionAttention(self.num_heads, name="attention", **common)
         self.mlp_norm = keras.layers.LayerNormalization(name="mlp_norm", **norm)
         self.mlp_in = keras.layers.Dense(self.intermediate_dim, name="mlp_in", **common)
@@ -126,8 +116,7 @@ class VisionEncoder(keras.layers.Layer):
         super().__init__(**kwargs)
         if image_size % patch_size:
             raise ValueError(
-                f"image_size {image_size} is not a multiple of patch_size "
-                f"{patch_size}."
+                f"image_size {image_size} is not a multiple of patch_size {patch_size}."
             )
         self.image_size = image_size
         self.patch_size = patch_size
@@ -151,9 +140,7 @@ class VisionEncoder(keras.layers.Layer):
         self.patch_embedding.build((None, self.image_size, self.image_size, 3))
         self.position_embedding = self.add_weight(
             shape=(self.num_patches, self.hidden_dim),
-            initializer=keras.initializers.RandomNormal(
-                stddev=self.hidden_dim**-0.5
-            ),
+            initializer=keras.initializers.RandomNormal(stddev=self.hidden_dim**-0.5),
             name="position_embedding",
         )
         token_shape = (None, self.num_patches, self.hidden_dim)

@@ -44,9 +44,7 @@ def prefix_lm_mask(valid, mask_ar):
     for b in range(batch):
         for i in range(length):
             for j in range(length):
-                mask[b, i, j] = (
-                    blocks[b, j] <= blocks[b, i] and valid[b, i] and valid[b, j]
-                )
+                mask[b, i, j] = blocks[b, j] <= blocks[b, i] and valid[b, i] and valid[b, j]
     return mask
 
 

@@ -1,9 +1,9 @@
 """The attention function, RoPE and the mask builder against numpy_reference."""
 
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from keras_paligemma2.attention import IMPLEMENTATIONS
 from keras_paligemma2.attention import apply_rope
 from keras_paligemma2.attention import attention_implementation
@@ -71,7 +71,9 @@ def test_auto_on_gpu_sends_plain_attention_to_jax_nn_exactly(monkeypatch):
     calls = []
     original = jax.nn.dot_product_attention
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        jax.nn, "dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     q = rng.normal(size=(2, 6, 4, 8)).astype("float32") * 3
     k = rng.normal(size=(2, 6, 2, 8)).astype("float32")
     with attention_implementation("auto"):
@@ -111,11 +113,13 @@ def test_pallas_kernel_over_many_tiles_and_its_gradients(soft_cap):
     def loss(attend):
         return lambda q, k, v: (attend(q, k, v) * v.sum()).sum()
 
-    fused = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, mask, soft_cap, 16, 8)), (0, 1, 2))(q, k, v)
+    fused = jax.grad(
+        loss(lambda q, k, v: flash_attention(q, k, v, mask, soft_cap, 16, 8)), (0, 1, 2)
+    )(q, k, v)
     with attention_implementation("xla"):
-        exact = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, mask, soft_cap=soft_cap)), (0, 1, 2))(
-            q, k, v
-        )
+        exact = jax.grad(
+            loss(lambda q, k, v: dot_product_attention(q, k, v, mask, soft_cap=soft_cap)), (0, 1, 2)
+        )(q, k, v)
     for a, b in zip(fused, exact):
         # float32 sums over 37 keys in another order: ~1e-6 of the largest
         # gradient (which reaches ~100 here: the loss is scaled by v.sum()).
@@ -180,7 +184,5 @@ def test_prefix_lm_mask_matches_big_vision():
 @pytest.mark.parametrize("window", [1, 2, 4, 100])
 def test_sliding_window_mask_matches_hf_semantics(window):
     valid, mask_ar = _ragged_layout()
-    got = np.asarray(
-        make_attention_mask(valid, np.cumsum(mask_ar, 1), sliding_window=window)
-    )
+    got = np.asarray(make_attention_mask(valid, np.cumsum(mask_ar, 1), sliding_window=window))
     np.testing.assert_array_equal(got, ref.hf_sliding_mask(valid, mask_ar, window))

@@ -165,9 +165,15 @@ def test_all_nine_pretrained_architectures_registered():
         (lambda x: x.pop("response_mask"), "missing keys \\['response_mask'\\]"),
         (lambda x: x.update(mask=1), "unexpected keys \\['mask'\\]"),
         # Raw [0, 255] levels or uint8 given to the backbone, which takes [-1, 1].
-        (lambda x: x.update(images=np.full((2, 28, 28, 3), 200.0, "float32")), "must be in \\[-1, 1\\]"),
+        (
+            lambda x: x.update(images=np.full((2, 28, 28, 3), 200.0, "float32")),
+            "must be in \\[-1, 1\\]",
+        ),
         (lambda x: x.update(images=np.full((2, 28, 28, 3), 200, "uint8")), "are uint8"),
-        (lambda x: x.update(images=np.full((2, 28, 28, 3), np.nan, "float32")), "must be in \\[-1, 1\\]"),
+        (
+            lambda x: x.update(images=np.full((2, 28, 28, 3), np.nan, "float32")),
+            "must be in \\[-1, 1\\]",
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(tiny_lm, change, message):

@@ -45,7 +45,9 @@ def models(fixture_dir):
     # first token only; "capoff" is big_vision's transfer setting (0).
     return {
         "capon": PaliGemma2CausalLM.from_preset(
-            fixture_dir / "model.npz", final_logit_soft_cap=30.0, final_logit_soft_cap_scope="decode_steps"
+            fixture_dir / "model.npz",
+            final_logit_soft_cap=30.0,
+            final_logit_soft_cap_scope="decode_steps",
         ),
         "capoff": PaliGemma2CausalLM.from_preset(fixture_dir / "model.npz"),
     }
@@ -91,7 +93,9 @@ def test_ragged_greedy_decode_equals_big_vision_at_every_step(models, reference,
 
 @pytest.mark.parametrize("row", [0, 1, 2])
 def test_each_row_alone_equals_big_vision_alone(models, reference, row):
-    out = models["capon"].generate(_prompts(reference, slice(row, row + 1)), max_new_tokens=12, return_logits=True)
+    out = models["capon"].generate(
+        _prompts(reference, slice(row, row + 1)), max_new_tokens=12, return_logits=True
+    )
     want = reference[f"greedy_capon_alone{row}_tokens"][0]
     np.testing.assert_array_equal(_until_eos(out["token_ids"])[0], _until_eos(want[None])[0])
     want_logits = reference[f"greedy_capon_alone{row}_step_logits"][0]
@@ -150,9 +154,17 @@ def test_28b_style_query_scale_equals_big_vision(fixture_dir):
     np.testing.assert_array_equal(out["token_ids"], reference["greedy_tokens"])
     assert_logits_close(out["logits"], reference["greedy_step_logits"])
     # The scale is really exercised: 1/sqrt(head_dim) gives other logits.
-    wrong = PaliGemma2CausalLM.from_preset(fixture_dir / "model_28b_style.npz", query_pre_attn_scalar=8)
+    wrong = PaliGemma2CausalLM.from_preset(
+        fixture_dir / "model_28b_style.npz", query_pre_attn_scalar=8
+    )
     wrong_logits = np.asarray(
-        wrong({"images": reference["images"], "token_ids": text, "padding_mask": valid.astype("int32"),
-               "response_mask": reference["score_mask_ar"]})
+        wrong(
+            {
+                "images": reference["images"],
+                "token_ids": text,
+                "padding_mask": valid.astype("int32"),
+                "response_mask": reference["score_mask_ar"],
+            }
+        )
     )
     assert np.abs(wrong_logits[valid] - reference["score_logits"][valid]).max() > 1.0

@@ -71,16 +71,32 @@ def shapes_data(tmp_path_factory):
     examples = shapes.training_examples(8, seed=3, task_weights={"detect": 0})
     (root / "img").mkdir()
     with open(root / "train.jsonl", "w") as f:
-        for i, (image, prompt, response) in enumerate(zip(examples["images"], examples["prompts"], examples["responses"])):
+        for i, (image, prompt, response) in enumerate(
+            zip(examples["images"], examples["prompts"], examples["responses"])
+        ):
             PIL.Image.fromarray(image).save(root / "img" / f"{i}.png")
-            f.write(json.dumps({"image": f"img/{i}.png", "prefix": prompt, "suffix": response}) + "\n")
+            f.write(
+                json.dumps({"image": f"img/{i}.png", "prefix": prompt, "suffix": response}) + "\n"
+            )
     return root
 
 
 def test_generate_prints_and_writes_json_for_each_image(shapes_data, capsys):
     image = str(shapes_data / "img" / "0.png")
-    args = ["generate", "--preset", PRESET, "--image", image, "--image", image,
-            "--prompt", "caption en", "--max-new-tokens", "3", "--json"]
+    args = [
+        "generate",
+        "--preset",
+        PRESET,
+        "--image",
+        image,
+        "--image",
+        image,
+        "--prompt",
+        "caption en",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]
     assert main(args) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["prompt"] for r in results] == ["caption en"] * 2
@@ -91,10 +107,21 @@ def test_generate_parses_and_draws_detections(shapes_data, tmp_path, capsys, mon
     # The random model cannot detect: give it a known answer to check the
     # parsing into pixel boxes and the annotated picture.
     answer = "<loc0256><loc0512><loc0768><loc1023> circle"
-    monkeypatch.setattr(PaliGemma2CausalLM, "generate", lambda self, inputs, **kw: [answer] * len(inputs["prompts"]))
+    monkeypatch.setattr(
+        PaliGemma2CausalLM, "generate", lambda self, inputs, **kw: [answer] * len(inputs["prompts"])
+    )
     image = str(pathlib.Path(__file__).parents[1] / "examples" / "data" / "shapes.png")
-    args = ["generate", "--preset", PRESET, "--image", image, "--prompt", "detect circle",
-            "--annotate-dir", str(tmp_path)]
+    args = [
+        "generate",
+        "--preset",
+        PRESET,
+        "--image",
+        image,
+        "--prompt",
+        "detect circle",
+        "--annotate-dir",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "detect circle -> " + answer in out
@@ -110,11 +137,26 @@ def test_generate_refuses_bad_input_in_one_line(shapes_data, tmp_path, capsys):
     preset = PRESET
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    assert main(["generate", "--preset", preset, "--image", str(text), "--prompt", "caption en"]) == 2
+    assert (
+        main(["generate", "--preset", preset, "--image", str(text), "--prompt", "caption en"]) == 2
+    )
     assert "Cannot read image 0" in capsys.readouterr().err
     image = str(shapes_data / "img" / "0.png")
-    args = ["generate", "--preset", preset, "--image", image, "--image", image, "--prompt", "a", "--prompt", "b",
-            "--prompt", "c"]
+    args = [
+        "generate",
+        "--preset",
+        preset,
+        "--image",
+        image,
+        "--image",
+        image,
+        "--prompt",
+        "a",
+        "--prompt",
+        "b",
+        "--prompt",
+        "c",
+    ]
     assert main(args) == 2
     assert "got 3 prompts for 2 images" in capsys.readouterr().err
 
@@ -122,9 +164,26 @@ def test_generate_refuses_bad_input_in_one_line(shapes_data, tmp_path, capsys):
 def test_finetune_lora_then_generate_and_evaluate_with_the_adapters(shapes_data, tmp_path, capsys):
     preset, data = PRESET, str(shapes_data / "train.jsonl")
     out = tmp_path / "adapters"
-    args = ["finetune", "--preset", preset, "--data", data, "--output", str(out), "--lora-rank", "2",
-            "--epochs", "2", "--batch-size", "4", "--learning-rate", "1e-2", "--quiet-progress",
-            "--checkpoint-dir", str(tmp_path / "checkpoint")]
+    args = [
+        "finetune",
+        "--preset",
+        preset,
+        "--data",
+        data,
+        "--output",
+        str(out),
+        "--lora-rank",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "1e-2",
+        "--quiet-progress",
+        "--checkpoint-dir",
+        str(tmp_path / "checkpoint"),
+    ]
     assert main(args) == 0
     losses = json.loads((out / "finetune.json").read_text())["losses"]
     assert len(losses) == 2 and losses[1] < losses[0]
@@ -132,8 +191,24 @@ def test_finetune_lora_then_generate_and_evaluate_with_the_adapters(shapes_data,
     # A rerun resumes from the checkpoint rather than starting over.
     assert main(args + ["--overwrite"]) == 0
     assert "Resumed from" in capsys.readouterr().out
-    args = ["evaluate", "--preset", preset, "--lora", str(out), "--data", data, "--metric", "exact_match",
-            "--metric", "anls", "--max-new-tokens", "6", "--json", "--predictions", str(tmp_path / "p.json")]
+    args = [
+        "evaluate",
+        "--preset",
+        preset,
+        "--lora",
+        str(out),
+        "--data",
+        data,
+        "--metric",
+        "exact_match",
+        "--metric",
+        "anls",
+        "--max-new-tokens",
+        "6",
+        "--json",
+        "--predictions",
+        str(tmp_path / "p.json"),
+    ]
     assert main(args) == 0
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["examples"] == 8 and 0 <= scores["exact_match"] <= scores["anls"] <= 1
@@ -156,7 +231,10 @@ def test_finetune_names_the_bad_jsonl_line_and_writes_nothing(shapes_data, tmp_p
 
 
 def test_plan_marks_what_fits_and_says_when_nothing_does(capsys):
-    assert main(["plan", "pg2_10b_224", "--devices", "8", "--device-memory", "16", "--mode", "lora"]) == 0
+    assert (
+        main(["plan", "pg2_10b_224", "--devices", "8", "--device-memory", "16", "--mode", "lora"])
+        == 0
+    )
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "mesh" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["8 x 1", "4 x 2", "2 x 4", "1 x 8"]
@@ -165,7 +243,9 @@ def test_plan_marks_what_fits_and_says_when_nothing_does(capsys):
     assert "Nothing fits" in capsys.readouterr().out
 
 
-def test_evaluate_scores_vqa_cider_and_masks_as_the_library(fixtures_dir, shapes_data, tmp_path, capsys, monkeypatch):
+def test_evaluate_scores_vqa_cider_and_masks_as_the_library(
+    fixtures_dir, shapes_data, tmp_path, capsys, monkeypatch
+):
     reference = np.load(fixtures_dir / "segmentation_big_vision_reference.npz")
     answers = [str(t) for t in reference["texts"]][:3]
     lines = []
@@ -175,27 +255,56 @@ def test_evaluate_scores_vqa_cider_and_masks_as_the_library(fixtures_dir, shapes
         PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / f"{i}_mask.png")
         # The first example's annotators all gave the model's answer.
         references = [answer] * 4 if i == 0 else ["a thing", "the thing", "thing"]
-        lines.append({"image": f"{i}.png", "prefix": "segment thing", "mask": f"{i}_mask.png", "answers": references})
+        lines.append(
+            {
+                "image": f"{i}.png",
+                "prefix": "segment thing",
+                "mask": f"{i}_mask.png",
+                "answers": references,
+            }
+        )
     data = tmp_path / "segment.jsonl"
     data.write_text("\n".join(json.dumps(line) for line in lines))
     # The embedded model cannot segment: give it big_vision's reference answers.
-    monkeypatch.setattr(PaliGemma2CausalLM, "generate", lambda self, inputs, **kw: answers[: len(inputs["prompts"])])
+    monkeypatch.setattr(
+        PaliGemma2CausalLM, "generate", lambda self, inputs, **kw: answers[: len(inputs["prompts"])]
+    )
     decoder = str(fixtures_dir / "vae_tiny" / "vae.npz")
-    args = ["evaluate", "--preset", PRESET, "--data", str(data), "--metric", "mask_miou", "--metric", "vqa_accuracy",
-            "--metric", "cider", "--mask-decoder", decoder, "--json"]
+    args = [
+        "evaluate",
+        "--preset",
+        PRESET,
+        "--data",
+        str(data),
+        "--metric",
+        "mask_miou",
+        "--metric",
+        "vqa_accuracy",
+        "--metric",
+        "cider",
+        "--mask-decoder",
+        decoder,
+        "--json",
+    ]
     assert main(args) == 0
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["mask_miou"] == pytest.approx(reference["ious"][:3].mean())
     assert scores["vqa_accuracy"] == pytest.approx(1 / 3)
     references = [line["answers"] for line in lines]
-    assert scores["cider"] == pytest.approx(evaluation.cider(answers, references)[0]) and scores["cider"] > 0
+    assert (
+        scores["cider"] == pytest.approx(evaluation.cider(answers, references)[0])
+        and scores["cider"] > 0
+    )
     # Without the decoder, a mask, or with a mask of the wrong size: one line, nothing run.
     assert main(args[:-3] + ["--json"]) == 2
     assert "--metric mask_miou needs --mask-decoder" in capsys.readouterr().err
     del lines[1]["mask"]
     data.write_text("\n".join(json.dumps(line) for line in lines))
     assert main(args) == 2
-    assert "example 2: --metric mask_miou needs a 'mask' image on every line" in capsys.readouterr().err
+    assert (
+        "example 2: --metric mask_miou needs a 'mask' image on every line"
+        in capsys.readouterr().err
+    )
     lines[1]["mask"] = "0_mask.png"
     data.write_text("\n".join(json.dumps(line) for line in lines))
     assert main(args) == 2
@@ -216,7 +325,24 @@ def test_convert_and_plan_the_embedded_preset(tmp_path, capsys):
     want = np.asarray(original.backbone.token_embedding.embeddings).astype("bfloat16")
     np.testing.assert_array_equal(np.asarray(converted.backbone.token_embedding.embeddings), want)
     image = str(pathlib.Path(__file__).parents[1] / "examples" / "data" / "shapes.png")
-    assert main(["generate", "--preset", str(destination), "--image", image, "--prompt", "caption en", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--preset",
+                str(destination),
+                "--image",
+                image,
+                "--prompt",
+                "caption en",
+                "--json",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["plan", str(destination), "--devices", "2", "--device-memory", "1", "--mode", "full"]) == 0
+    assert (
+        main(["plan", str(destination), "--devices", "2", "--device-memory", "1", "--mode", "full"])
+        == 0
+    )
     assert "chosen" in capsys.readouterr().out

@@ -2,8 +2,8 @@
 
 import keras
 import numpy as np
-
 import numpy_reference as ref
+
 from keras_paligemma2.decoder import DecoderBlock
 from keras_paligemma2.decoder import GatedMLP
 from keras_paligemma2.decoder import RMSNorm
@@ -31,7 +31,7 @@ def test_gated_mlp_is_geglu():
     mlp = GatedMLP(24)
     mlp.build(x.shape)
     _randomize(mlp)
-    gate, up, down = (np.asarray(l.kernel) for l in (mlp.gate, mlp.up, mlp.down))
+    gate, up, down = (np.asarray(layer.kernel) for layer in (mlp.gate, mlp.up, mlp.down))
     want = (ref.gelu_tanh(x @ gate) * (x @ up)) @ down
     np.testing.assert_allclose(np.asarray(mlp(x)), want, rtol=1e-4, atol=1e-5)
 
@@ -112,6 +112,7 @@ def test_prefill_block_caches_every_position_and_can_return_only_the_last():
     own, own_cache = block(x, positions, mask[:, :, :6], kv_cache=empty, cache_index=0)
     np.testing.assert_allclose(np.asarray(own), np.asarray(full), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(own_cache), np.asarray(full_cache))
+
 
 def test_decoder_projections_are_lora_and_int8_ready():
     block = DecoderBlock(4, 2, 8, 24, query_pre_attn_scalar=8)

@@ -12,9 +12,19 @@ from keras_paligemma2 import distribution as dist
 # kv heads 2 and a 60-word vocabulary: neither divides a model axis of 8, the
 # MLP (48) and head_dim (8) do; the ViT has 2 heads.
 CONFIG = dict(
-    image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
-    vit_intermediate_dim=32, vocabulary_size=60, num_layers=2, hidden_dim=32,
-    num_query_heads=4, num_key_value_heads=2, head_dim=8, intermediate_dim=48,
+    image_size=28,
+    patch_size=14,
+    vit_hidden_dim=16,
+    vit_num_layers=1,
+    vit_num_heads=2,
+    vit_intermediate_dim=32,
+    vocabulary_size=60,
+    num_layers=2,
+    hidden_dim=32,
+    num_query_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_dim=48,
     final_logit_soft_cap=30.0,
 )
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
@@ -42,7 +52,11 @@ def reference():
     weights = lm.get_weights()
     x, y, w = inputs(np.random.default_rng(1))
     out = {"weights": weights, "logits": np.asarray(lm(x)), "batch": (x, y, w)}
-    out["greedy"] = lm.generate({k: x[k] for k in ("images", "token_ids", "padding_mask")}, max_new_tokens=5, stop_token_ids=None)["token_ids"]
+    out["greedy"] = lm.generate(
+        {k: x[k] for k in ("images", "token_ids", "padding_mask")},
+        max_new_tokens=5,
+        stop_token_ids=None,
+    )["token_ids"]
     lm.compile(optimizer=keras.optimizers.SGD(0.1))
     lm.train_on_batch(x, y, sample_weight=w)
     out["full_step"] = {v.path: np.asarray(v.value) for v in lm.variables}
@@ -90,8 +104,16 @@ def test_every_layout_divides_its_dimensions_on_any_mesh():
     assert layouts["decoder_block_0/mlp/gate/kernel"] == (None, "model")
     assert layouts["decoder_block_0/pre_attention_norm/scale"] == (None,)
     query = "decoder_block_0/attention/query/kernel"
-    assert dist.variable_layout(query, (8, 2304, 256), {"batch": 2, "model": 4}, fsdp=True) == ("model", "batch", None)
-    assert dist.variable_layout(query, (4, 32, 8), {"batch": 2, "model": 4}, fsdp=True) == ("model", None, None)
+    assert dist.variable_layout(query, (8, 2304, 256), {"batch": 2, "model": 4}, fsdp=True) == (
+        "model",
+        "batch",
+        None,
+    )
+    assert dist.variable_layout(query, (4, 32, 8), {"batch": 2, "model": 4}, fsdp=True) == (
+        "model",
+        None,
+        None,
+    )
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES)
@@ -102,12 +124,18 @@ def test_sharded_forward_generation_and_steps_equal_single_device(reference, mes
         kernel = lm.backbone.decoder_blocks[0].mlp.gate._kernel
         assert len(kernel.value.sharding.device_set) == 8
         np.testing.assert_allclose(np.asarray(lm(x)), reference["logits"], atol=1e-5)
-        greedy = lm.generate({k: x[k] for k in ("images", "token_ids", "padding_mask")}, max_new_tokens=5, stop_token_ids=None)
+        greedy = lm.generate(
+            {k: x[k] for k in ("images", "token_ids", "padding_mask")},
+            max_new_tokens=5,
+            stop_token_ids=None,
+        )
         np.testing.assert_array_equal(greedy["token_ids"], reference["greedy"])
         lm.compile(optimizer=keras.optimizers.SGD(0.1))
         lm.train_on_batch(x, y, sample_weight=w)
         for v in lm.variables:
-            np.testing.assert_allclose(np.asarray(v.value), reference["full_step"][v.path], atol=1e-5, err_msg=v.path)
+            np.testing.assert_allclose(
+                np.asarray(v.value), reference["full_step"][v.path], atol=1e-5, err_msg=v.path
+            )
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4)])
@@ -120,7 +148,9 @@ def test_sharded_lora_step_equals_single_device_and_int8_lora_runs(reference, me
         lm.compile(optimizer=keras.optimizers.SGD(0.1))
         lm.train_on_batch(x, y, sample_weight=w)
         for v in lm.variables:
-            np.testing.assert_allclose(np.asarray(v.value), reference["lora_step"][v.path], atol=1e-5, err_msg=v.path)
+            np.testing.assert_allclose(
+                np.asarray(v.value), reference["lora_step"][v.path], atol=1e-5, err_msg=v.path
+            )
 
     quantized, distribution = _sharded_lm(mesh_shape, reference["weights"])
     with distribution.scope():
@@ -131,7 +161,11 @@ def test_sharded_lora_step_equals_single_device_and_int8_lora_runs(reference, me
         for _ in range(3):
             after = quantized.train_on_batch(x, y, sample_weight=w, return_dict=True)["loss"]
         assert np.isfinite(after) and after < before
-        tokens = quantized.generate({k: x[k] for k in ("images", "token_ids", "padding_mask")}, max_new_tokens=3, stop_token_ids=None)
+        tokens = quantized.generate(
+            {k: x[k] for k in ("images", "token_ids", "padding_mask")},
+            max_new_tokens=3,
+            stop_token_ids=None,
+        )
         assert tokens["token_ids"].shape == (8, 3)
         kernel = quantized.backbone.decoder_blocks[0].mlp.gate._kernel
         assert kernel.dtype == "int8" and len(kernel.value.sharding.device_set) == 8
@@ -155,10 +189,14 @@ def test_checkpoint_loads_into_our_layouts_and_gives_the_reference_logits(fixtur
         gate = lm.backbone.decoder_blocks[0].mlp.gate.kernel.value
         assert len(gate.sharding.device_set) == 8
         text = reference["text"]
-        logits = lm({
-            "images": reference["images"], "token_ids": text,
-            "padding_mask": np.ones_like(text), "response_mask": reference["mask_ar"],
-        })
+        logits = lm(
+            {
+                "images": reference["images"],
+                "token_ids": text,
+                "padding_mask": np.ones_like(text),
+                "response_mask": reference["mask_ar"],
+            }
+        )
     assert np.abs(np.asarray(logits) - reference["text_logits"]).max() < 1e-4
 
 
@@ -168,13 +206,17 @@ def test_fit_on_raw_examples_runs_sharded():
     from keras_paligemma2 import PaliGemma2Tokenizer
     from keras_paligemma2.tokenizer import train_tiny_sentencepiece
 
-    tokenizer = PaliGemma2Tokenizer(train_tiny_sentencepiece(["caption en", "a red circle", "a blue square"]))
+    tokenizer = PaliGemma2Tokenizer(
+        train_tiny_sentencepiece(["caption en", "a red circle", "a blue square"])
+    )
     config = dict(CONFIG, vocabulary_size=tokenizer.vocabulary_size())
     distribution = dist.model_parallel(config, (2, 4), fsdp=True)
     with distribution.scope():
         lm = PaliGemma2CausalLM(
             PaliGemma2Backbone(**config),
-            PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28), sequence_length=8),
+            PaliGemma2CausalLMPreprocessor(
+                tokenizer, PaliGemma2ImageConverter(28), sequence_length=8
+            ),
         )
         lm.compile(optimizer=keras.optimizers.Adam(1e-2))
         data = {

@@ -27,7 +27,10 @@ def test_relaxed_accuracy_as_big_vision_chartqa():
     assert evaluation.relaxed_accuracy("10.6", ["10"]) == 0.0  # 6% off
     assert evaluation.relaxed_accuracy("5%", ["0.05"]) == 1.0
     assert evaluation.relaxed_accuracy("1,000", ["1000"]) == 0.0  # not a number to big_vision
-    assert evaluation.relaxed_accuracy("Yes", ["yes"]) == 0.0 and evaluation.relaxed_accuracy("yes", ["yes"]) == 1.0
+    assert (
+        evaluation.relaxed_accuracy("Yes", ["yes"]) == 0.0
+        and evaluation.relaxed_accuracy("yes", ["yes"]) == 1.0
+    )
     # A zero answer needs the exact string.
     assert evaluation.relaxed_accuracy("0", ["0"]) == 1.0
     assert evaluation.relaxed_accuracy("0.0", ["0"]) == 0.0
@@ -86,7 +89,10 @@ def test_vqa_normalisation_and_accuracy_match_big_vision(fixtures_dir):
     for text, want in reference["normalized"].items():
         assert evaluation.normalize_vqa_answer(text) == want, text
     for prediction, answers, want in reference["accuracy"]:
-        assert evaluation.vqa_accuracy(prediction, answers) == pytest.approx(want), (prediction, answers)
+        assert evaluation.vqa_accuracy(prediction, answers) == pytest.approx(want), (
+            prediction,
+            answers,
+        )
 
 
 def test_vqa_accuracy_worked_examples():
@@ -98,7 +104,10 @@ def test_vqa_accuracy_worked_examples():
     assert evaluation.vqa_accuracy("2", ["2"] * 2 + ["3"] * 8) == pytest.approx(0.6)
     # Unanimous answers are compared without normalisation.
     assert evaluation.vqa_accuracy("Yes", ["yes"] * 10) == 0.0
-    assert evaluation.vqa_accuracy("the dog", ["dog"]) == 0.0 and evaluation.vqa_accuracy(" dog ", ["dog"]) == 1.0
+    assert (
+        evaluation.vqa_accuracy("the dog", ["dog"]) == 0.0
+        and evaluation.vqa_accuracy(" dog ", ["dog"]) == 1.0
+    )
 
 
 def test_coco_caption_tokens_match_the_ptb_tokenizer(fixtures_dir):
@@ -108,19 +117,28 @@ def test_coco_caption_tokens_match_the_ptb_tokenizer(fixtures_dir):
 
 
 def test_cider_matches_pycocoevalcap(fixtures_dir):
-    reference = json.loads((fixtures_dir / "cider_pycocoevalcap_reference.json").read_text())["cider"]
+    reference = json.loads((fixtures_dir / "cider_pycocoevalcap_reference.json").read_text())[
+        "cider"
+    ]
     # From raw text (our tokenizer) and from PTB's tokens: the same scores.
     for tokenize in ("ptb", "python"):
-        corpus, scores = evaluation.cider(reference["predictions"], reference["references"], tokenize=tokenize)
+        corpus, scores = evaluation.cider(
+            reference["predictions"], reference["references"], tokenize=tokenize
+        )
         assert corpus == pytest.approx(reference["corpus"], abs=1e-12)
         np.testing.assert_allclose(scores, reference["scores"], atol=1e-12)
-    corpus, _ = evaluation.cider(reference["tokenized_predictions"], reference["tokenized_references"], tokenize=str.split)
+    corpus, _ = evaluation.cider(
+        reference["tokenized_predictions"], reference["tokenized_references"], tokenize=str.split
+    )
     assert corpus == pytest.approx(reference["corpus"], abs=1e-12)
-    assert evaluation.score("cider", reference["predictions"], reference["references"]) == pytest.approx(corpus)
+    assert evaluation.score(
+        "cider", reference["predictions"], reference["references"]
+    ) == pytest.approx(corpus)
 
 
 def test_cider_matches_pycocoevalcap_on_random_corpora():
     from pycocoevalcap.cider import cider as cider_module  # The test extra installs it.
+
     rng = np.random.default_rng(0)
     words = "a the red blue dog cat on under big small runs sits".split()
     sentence = lambda: " ".join(rng.choice(words, rng.integers(1, 9)))  # noqa: E731
@@ -145,7 +163,9 @@ def test_cider_tokenizes_with_the_live_ptb_tokenizer():
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     if shutil.which("java") is None:
-        pytest.skip("pycocoevalcap's PTB tokenizer needs Java (apt-get install default-jre-headless)")
+        pytest.skip(
+            "pycocoevalcap's PTB tokenizer needs Java (apt-get install default-jre-headless)"
+        )
     captions = [
         "A man's dog, \"Rex\", isn't (really) big.",
         "Two cats sit on a mat; one sleeps!",
@@ -155,7 +175,9 @@ def test_cider_tokenizes_with_the_live_ptb_tokenizer():
     ]
     references = [[c, captions[(i + 1) % len(captions)]] for i, c in enumerate(captions)]
     predictions = captions[2:] + captions[:2]
-    refs = PTBTokenizer().tokenize({i: [{"caption": r} for r in rs] for i, rs in enumerate(references)})
+    refs = PTBTokenizer().tokenize(
+        {i: [{"caption": r} for r in rs] for i, rs in enumerate(references)}
+    )
     preds = PTBTokenizer().tokenize({i: [{"caption": p}] for i, p in enumerate(predictions)})
     want, want_scores = Cider().compute_score(refs, preds)
     got, scores = evaluation.cider(predictions, references)
@@ -175,7 +197,11 @@ def test_cider_refuses_an_unknown_tokenizer():
 def test_cider_worked_properties():
     # A prediction equal to its only reference in a corpus of distinct
     # captions scores 10 (cosine 1 for every n-gram order).
-    captions = ["a red circle and a blue square", "two dogs play in a big park", "a man rides a wave"]
+    captions = [
+        "a red circle and a blue square",
+        "two dogs play in a big park",
+        "a man rides a wave",
+    ]
     corpus, scores = evaluation.cider(captions, [[c] for c in captions])
     assert corpus == pytest.approx(10.0)
     # Words found in every example's references carry no weight.
@@ -194,4 +220,6 @@ def test_mask_ious_match_big_vision(fixtures_dir):
     np.testing.assert_allclose(ious, reference["ious"], atol=1e-12)
     assert ious[0] > 0.4 and ious[3] == 0.0  # a matching mask, and an inverted box
     # Not a segmentation answer at all, or codes out of range: 0.
-    assert evaluation.mask_ious(["a cat", texts[0].replace("<seg", "<seg9", 1)], masks[:2], decoder) == [0.0, 0.0]
+    assert evaluation.mask_ious(
+        ["a cat", texts[0].replace("<seg", "<seg9", 1)], masks[:2], decoder
+    ) == [0.0, 0.0]

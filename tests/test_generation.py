@@ -52,10 +52,21 @@ def test_hf_greedy(fixtures_dir):
 def random_lm():
     rng = np.random.default_rng(7)
     backbone = PaliGemma2Backbone(
-        image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
-        vit_intermediate_dim=32, vocabulary_size=50, num_layers=2, hidden_dim=32,
-        num_query_heads=4, num_key_value_heads=2, head_dim=8, intermediate_dim=48,
-        final_logit_soft_cap=30.0, sliding_window_size=9,
+        image_size=28,
+        patch_size=14,
+        vit_hidden_dim=16,
+        vit_num_layers=1,
+        vit_num_heads=2,
+        vit_intermediate_dim=32,
+        vocabulary_size=50,
+        num_layers=2,
+        hidden_dim=32,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_dim=48,
+        final_logit_soft_cap=30.0,
+        sliding_window_size=9,
     )
     for v in backbone.weights:
         v.assign(rng.normal(size=v.shape).astype("float32") * 0.5)
@@ -133,21 +144,42 @@ def test_stop_tokens_end_rows(random_lm):
 
 
 def test_text_in_text_out_reuses_one_compiled_function():
-    tokenizer = PaliGemma2Tokenizer(train_tiny_sentencepiece(["caption en", "answer en what is it", "a cat"]))
-    backbone = PaliGemma2Backbone(
-        image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
-        vit_intermediate_dim=32, vocabulary_size=tokenizer.vocabulary_size(), num_layers=1,
-        hidden_dim=32, num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=48,
+    tokenizer = PaliGemma2Tokenizer(
+        train_tiny_sentencepiece(["caption en", "answer en what is it", "a cat"])
     )
-    lm = PaliGemma2CausalLM(backbone, PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28)))
+    backbone = PaliGemma2Backbone(
+        image_size=28,
+        patch_size=14,
+        vit_hidden_dim=16,
+        vit_num_layers=1,
+        vit_num_heads=2,
+        vit_intermediate_dim=32,
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=1,
+        hidden_dim=32,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_dim=48,
+    )
+    lm = PaliGemma2CausalLM(
+        backbone, PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28))
+    )
     image = np.zeros((40, 40, 3), "uint8")
     text = lm.generate({"images": image, "prompts": "caption en"}, max_new_tokens=4)
     assert isinstance(text, str)
-    texts = lm.generate({"images": [image, image], "prompts": ["caption en", "answer en what is it"]}, max_new_tokens=4)
+    texts = lm.generate(
+        {"images": [image, image], "prompts": ["caption en", "answer en what is it"]},
+        max_new_tokens=4,
+    )
     assert isinstance(texts, list) and len(texts) == 2
-    lm.generate({"images": [image, image], "prompts": ["answer en what", "caption en"]}, max_new_tokens=4)
+    lm.generate(
+        {"images": [image, image], "prompts": ["answer en what", "caption en"]}, max_new_tokens=4
+    )
     assert len(lm._decoder._compiled) == 2  # (1, 16) and (2, 16) shapes only.
-    scores = lm.score({"images": [image, image], "prompts": ["caption en"] * 2, "responses": ["a cat", "a"]})
+    scores = lm.score(
+        {"images": [image, image], "prompts": ["caption en"] * 2, "responses": ["a cat", "a"]}
+    )
     assert scores.shape == (2,) and (scores < 0).all()
 
 
@@ -156,12 +188,20 @@ def test_bad_generate_inputs(random_lm):
         random_lm.generate({"images": np.zeros((1, 28, 28, 3)), "token_ids": np.array([[2]])})
     with pytest.raises(ValueError, match="leaves no room"):
         random_lm.generate(
-            {"images": np.zeros((1, 28, 28, 3)), "token_ids": np.array([[2, 3]]), "padding_mask": np.ones((1, 2))},
+            {
+                "images": np.zeros((1, 28, 28, 3)),
+                "token_ids": np.array([[2, 3]]),
+                "padding_mask": np.ones((1, 2)),
+            },
             max_length=2,
         )
     with pytest.raises(ValueError, match="not left-aligned"):
         random_lm.generate(
-            {"images": np.zeros((1, 28, 28, 3)), "token_ids": np.array([[0, 2]]), "padding_mask": np.array([[0, 1]])}
+            {
+                "images": np.zeros((1, 28, 28, 3)),
+                "token_ids": np.array([[0, 2]]),
+                "padding_mask": np.array([[0, 1]]),
+            }
         )
 
 
@@ -170,15 +210,31 @@ def test_score_is_the_log_probability_of_the_response(fixtures_dir):
     lm = PaliGemma2CausalLM.from_preset(fixtures_dir / "bv_tiny" / "tiny_f32.npz")
     text, mask_ar = reference["text"], reference["mask_ar"]
     scores = lm.score(
-        {"images": reference["images"], "token_ids": text, "padding_mask": np.ones_like(text), "response_mask": mask_ar},
+        {
+            "images": reference["images"],
+            "token_ids": text,
+            "padding_mask": np.ones_like(text),
+            "response_mask": mask_ar,
+        },
         per_token=True,
     )
     # big_vision's scoring logits: log-softmax, next token, response only.
     logits = reference["text_logits"].astype(np.float64)
-    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    log_probs = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     want = np.take_along_axis(log_probs[:, :-1], text[:, 1:, None], -1)[..., 0] * mask_ar[:, 1:]
     np.testing.assert_allclose(scores, want, atol=1e-4)
-    totals = lm.score({"images": reference["images"], "token_ids": text, "padding_mask": np.ones_like(text), "response_mask": mask_ar})
+    totals = lm.score(
+        {
+            "images": reference["images"],
+            "token_ids": text,
+            "padding_mask": np.ones_like(text),
+            "response_mask": mask_ar,
+        }
+    )
     np.testing.assert_allclose(totals, want.sum(1), atol=1e-3)
     assert (totals < 0).all()
 
@@ -248,7 +304,9 @@ def test_generate_with_top_k_alone_samples(random_lm):
     }
     greedy = random_lm.generate(inputs, max_new_tokens=16, stop_token_ids=None)["token_ids"]
     drawn = [
-        random_lm.generate(inputs, max_new_tokens=16, stop_token_ids=None, top_k=50, seed=s)["token_ids"]
+        random_lm.generate(inputs, max_new_tokens=16, stop_token_ids=None, top_k=50, seed=s)[
+            "token_ids"
+        ]
         for s in range(6)
     ]
     assert any((d != greedy).any() for d in drawn)
@@ -278,9 +336,19 @@ def test_several_images_per_example(tmp_path):
     """Tokens of each example's images come in order before the prompt."""
     rng = np.random.default_rng(12)
     config = dict(
-        image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
-        vit_intermediate_dim=32, vocabulary_size=50, num_layers=1, hidden_dim=32,
-        num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=48,
+        image_size=28,
+        patch_size=14,
+        vit_hidden_dim=16,
+        vit_num_layers=1,
+        vit_num_heads=2,
+        vit_intermediate_dim=32,
+        vocabulary_size=50,
+        num_layers=1,
+        hidden_dim=32,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_dim=48,
     )
     single = PaliGemma2Backbone(**config)
     for v in single.weights:
@@ -290,7 +358,12 @@ def test_several_images_per_example(tmp_path):
     assert double.num_image_tokens == 8
     images = rng.uniform(-1, 1, (1, 2, 28, 28, 3)).astype("float32")
     ids = np.array([[2, 5, 6]])
-    x = {"images": images, "token_ids": ids, "padding_mask": np.ones((1, 3)), "response_mask": np.zeros((1, 3))}
+    x = {
+        "images": images,
+        "token_ids": ids,
+        "padding_mask": np.ones((1, 3)),
+        "response_mask": np.zeros((1, 3)),
+    }
     hidden = np.asarray(double(x))
     assert hidden.shape == (1, 8 + 3, 32)
     # The image tokens are the two images' tokens in order, as the encoder gives them.
@@ -299,7 +372,11 @@ def test_several_images_per_example(tmp_path):
     second = np.asarray(single.embed_images(images[:, 1]))
     np.testing.assert_allclose(tokens, np.concatenate([first, second], 1), atol=1e-5)
     lm = PaliGemma2CausalLM(double)
-    out = lm.generate({"images": images, "token_ids": ids, "padding_mask": np.ones((1, 3))}, max_new_tokens=3, stop_token_ids=None)
+    out = lm.generate(
+        {"images": images, "token_ids": ids, "padding_mask": np.ones((1, 3))},
+        max_new_tokens=3,
+        stop_token_ids=None,
+    )
     assert out["token_ids"].shape == (1, 3)
     # Swapping the two images changes the answer's logits: their order matters.
     swapped = {**x, "images": images[:, ::-1]}
@@ -317,16 +394,28 @@ def test_preprocessor_stacks_several_images_per_example():
     tokenizer = PaliGemma2Tokenizer(train_tiny_sentencepiece(["caption en", "a cat"]))
     preprocessor = PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28))
     image = np.zeros((40, 40, 3), "uint8")
-    x = preprocessor.generate_preprocess({"images": [[image, image], [image, image]], "prompts": ["caption en"] * 2})
+    x = preprocessor.generate_preprocess(
+        {"images": [[image, image], [image, image]], "prompts": ["caption en"] * 2}
+    )
     assert x["images"].shape == (2, 2, 28, 28, 3)
 
 
 def _tiny_vocabulary_lm(seed):
     rng = np.random.default_rng(seed)
     backbone = PaliGemma2Backbone(
-        image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
-        vit_intermediate_dim=32, vocabulary_size=6, num_layers=2, hidden_dim=16,
-        num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=32,
+        image_size=28,
+        patch_size=14,
+        vit_hidden_dim=16,
+        vit_num_layers=1,
+        vit_num_heads=2,
+        vit_intermediate_dim=32,
+        vocabulary_size=6,
+        num_layers=2,
+        hidden_dim=16,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_dim=32,
     )
     for v in backbone.weights:
         v.assign(rng.normal(size=v.shape).astype("float32") * 0.8)
@@ -350,7 +439,12 @@ def _brute_force_best(lm, image, prompt, max_new, eos=1):
             response = np.array([[0] * len(prompt) + [1] * len(sequence)])
             score = float(
                 lm.score(
-                    {"images": image[None], "token_ids": ids, "padding_mask": np.ones_like(ids), "response_mask": response}
+                    {
+                        "images": image[None],
+                        "token_ids": ids,
+                        "padding_mask": np.ones_like(ids),
+                        "response_mask": response,
+                    }
                 )[0]
             )
             if score > best_score:
@@ -384,12 +478,20 @@ def test_small_beam_never_beats_brute_force_and_batches_exactly():
     mask = np.array([[1, 1, 1], [1, 1, 0]])
     batch = lm.generate(
         {"images": images, "token_ids": token_ids, "padding_mask": mask},
-        max_new_tokens=3, beam_size=2, stop_token_ids=[1],
+        max_new_tokens=3,
+        beam_size=2,
+        stop_token_ids=[1],
     )
     for row, prompt in enumerate(prompts):
         alone = lm.generate(
-            {"images": images[row : row + 1], "token_ids": np.array([prompt]), "padding_mask": np.ones((1, len(prompt)))},
-            max_new_tokens=3, beam_size=2, stop_token_ids=[1],
+            {
+                "images": images[row : row + 1],
+                "token_ids": np.array([prompt]),
+                "padding_mask": np.ones((1, len(prompt))),
+            },
+            max_new_tokens=3,
+            beam_size=2,
+            stop_token_ids=[1],
         )
         np.testing.assert_array_equal(batch["token_ids"][row], alone["token_ids"][0])
         _, best_score = _brute_force_best(lm, images[row], prompt, max_new=3)
@@ -397,33 +499,56 @@ def test_small_beam_never_beats_brute_force_and_batches_exactly():
         assert sequence[-1] == 1
         ids = np.array([prompt + sequence])
         response = np.array([[0] * len(prompt) + [1] * len(sequence)])
-        score = float(lm.score({"images": images[row : row + 1], "token_ids": ids, "padding_mask": np.ones_like(ids), "response_mask": response})[0])
+        score = float(
+            lm.score(
+                {
+                    "images": images[row : row + 1],
+                    "token_ids": ids,
+                    "padding_mask": np.ones_like(ids),
+                    "response_mask": response,
+                }
+            )[0]
+        )
         assert score <= best_score + 1e-5
     with pytest.raises(ValueError, match="takes no temperature"):
-        lm.generate({"images": images, "token_ids": token_ids, "padding_mask": mask}, beam_size=2, temperature=1.0)
+        lm.generate(
+            {"images": images, "token_ids": token_ids, "padding_mask": mask},
+            beam_size=2,
+            temperature=1.0,
+        )
 
 
 @pytest.mark.parametrize("scope", ["all", "decode_steps"])
 def test_final_soft_cap_scope(random_lm, scope):
-    """"decode_steps" (big_vision) caps only the decode steps after the first
+    """ "decode_steps" (big_vision) caps only the decode steps after the first
     generated token; "all" (HF, keras-hub) caps every logit."""
     cap = 2.0  # small, so that capping is visible on these logits
-    config = dict(random_lm.backbone.get_config(), final_logit_soft_cap=cap, final_logit_soft_cap_scope=scope)
+    config = dict(
+        random_lm.backbone.get_config(), final_logit_soft_cap=cap, final_logit_soft_cap_scope=scope
+    )
     backbone = PaliGemma2Backbone.from_config(config)
     backbone.set_weights(random_lm.backbone.get_weights())
     lm = PaliGemma2CausalLM(backbone)
-    plain = PaliGemma2CausalLM(PaliGemma2Backbone.from_config(dict(config, final_logit_soft_cap=None)))
+    plain = PaliGemma2CausalLM(
+        PaliGemma2Backbone.from_config(dict(config, final_logit_soft_cap=None))
+    )
     plain.backbone.set_weights(random_lm.backbone.get_weights())
     rng = np.random.default_rng(1)
     image = rng.uniform(-1, 1, (1, 28, 28, 3)).astype("float32")
     prompt = np.array([[2, 7, 9, 11]])
     out = lm.generate(
         {"images": image, "token_ids": prompt, "padding_mask": np.ones_like(prompt)},
-        max_new_tokens=2, stop_token_ids=None,
+        max_new_tokens=2,
+        stop_token_ids=None,
     )
     first = int(out["token_ids"][0, 0])
     ids = np.concatenate([prompt, [[first]]], axis=1)
-    full = {"images": image, "token_ids": ids, "padding_mask": np.ones_like(ids), "response_mask": np.array([[0, 0, 0, 0, 1]])}
+    full = {
+        "images": image,
+        "token_ids": ids,
+        "padding_mask": np.ones_like(ids),
+        "response_mask": np.array([[0, 0, 0, 0, 1]]),
+    }
     uncapped = np.asarray(plain(full))[0]
     capped = cap * np.tanh(uncapped / cap)
     # Training / scoring logits (the task's call).
@@ -443,6 +568,13 @@ def test_final_soft_cap_scope(random_lm, scope):
 def test_final_soft_cap_scope_is_checked():
     with pytest.raises(ValueError, match="final_logit_soft_cap_scope"):
         PaliGemma2Backbone(
-            image_size=28, vocabulary_size=50, num_layers=1, hidden_dim=32, num_query_heads=2,
-            num_key_value_heads=1, head_dim=8, intermediate_dim=48, final_logit_soft_cap_scope="prefill",
+            image_size=28,
+            vocabulary_size=50,
+            num_layers=1,
+            hidden_dim=32,
+            num_query_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            intermediate_dim=48,
+            final_logit_soft_cap_scope="prefill",
         )

@@ -117,7 +117,10 @@ def test_transformers_source(fake_hub, fixtures_dir, monkeypatch):
 def test_download_that_is_not_the_preset_is_refused(fake_hub, monkeypatch):
     config = dict(presets.PRESETS["pg2_tiny_42"]["config"], num_layers=3)
     monkeypatch.setitem(presets.PRESETS["pg2_tiny_42"], "config", config)
-    with pytest.raises(hub.CheckpointError, match="does not match preset 'pg2_tiny_42': num_layers 2 \\(preset: 3\\)"):
+    with pytest.raises(
+        hub.CheckpointError,
+        match="does not match preset 'pg2_tiny_42': num_layers 2 \\(preset: 3\\)",
+    ):
         PaliGemma2Backbone.from_preset("pg2_tiny_42")
 
 

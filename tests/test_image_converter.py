@@ -79,7 +79,9 @@ def test_uint8_arrays_and_pil_images_take_the_same_path(reference, images_dir):
     table = reference["value_range_table"]
     converter = PaliGemma2ImageConverter(224)
     # big_vision's own decoded JPEG pixels, as an array.
-    np.testing.assert_array_equal(converter(reference["rocket/decoded"]), table[reference["rocket/resize224"]])
+    np.testing.assert_array_equal(
+        converter(reference["rocket/decoded"]), table[reference["rocket/resize224"]]
+    )
     for name in ("chelsea.png", "coins.png", "horse.png", "coins_gray16.png", "chelsea_rgba.png"):
         want = table[reference[f"{PHOTOS[name]}/resize224"]]
         with PIL.Image.open(images_dir / name) as image:
@@ -101,7 +103,11 @@ def test_keras_hub_pipeline_is_keras_hub_converter(images_dir):
     with PIL.Image.open(images_dir / "rocket.jpg") as image:
         pixels = np.asarray(image.convert("RGB"))
     keras_hub_converter = keras_hub.layers.ImageConverter(
-        image_size=(224, 224), scale=1 / 127.5, offset=-1.0, crop_to_aspect_ratio=True, interpolation="bilinear"
+        image_size=(224, 224),
+        scale=1 / 127.5,
+        offset=-1.0,
+        crop_to_aspect_ratio=True,
+        interpolation="bilinear",
     )
     want = np.asarray(keras_hub_converter(pixels[None].astype(np.float32)))[0]
     got = PaliGemma2ImageConverter(224, pipeline="keras_hub")(str(images_dir / "rocket.jpg"))
@@ -194,7 +200,9 @@ def test_every_kind_of_input(tmp_path):
 )
 def test_bad_images(image, message):
     with pytest.raises(ValueError, match=message):
-        PaliGemma2ImageConverter(6)(image if not isinstance(image, np.ndarray) or image.ndim != 5 else list(image))
+        PaliGemma2ImageConverter(6)(
+            image if not isinstance(image, np.ndarray) or image.ndim != 5 else list(image)
+        )
 
 
 def test_text_file_is_not_an_image(tmp_path):

@@ -22,7 +22,11 @@ def _root_names(modules):
     """{name the package root re-exports: the module defining it}."""
     names = {}
     for node in ast.walk(ast.parse(modules["keras_paligemma2"].read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("keras_paligemma2"):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("keras_paligemma2")
+        ):
             names.update({alias.asname or alias.name: node.module for alias in node.names})
     return names
 
@@ -92,7 +96,12 @@ def test_no_import_cycles_even_through_function_level_imports():
 
 @pytest.mark.parametrize(
     "leaf",
-    ["keras_paligemma2.exact_attention", "keras_paligemma2.layouts", "keras_paligemma2.presets", "keras_paligemma2.jsonl"],
+    [
+        "keras_paligemma2.exact_attention",
+        "keras_paligemma2.layouts",
+        "keras_paligemma2.presets",
+        "keras_paligemma2.jsonl",
+    ],
 )
 def test_leaf_modules_import_nothing_of_the_package(leaf):
     assert _imports(_modules())[leaf] == set()

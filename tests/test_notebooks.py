@@ -17,7 +17,17 @@ def test_notebook_runs(name, monkeypatch):
         monkeypatch.setenv(key, value)
     notebook = nbformat.read(EXAMPLES / name, as_version=4)
     # The kernel inherits this process's environment: JAX, 8 simulated CPU devices.
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}})
+    client = NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(EXAMPLES)}},
+    )
     client.execute()
-    errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        o
+        for cell in notebook.cells
+        for o in cell.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors

@@ -11,12 +11,16 @@ from keras_paligemma2.tokenizer import train_tiny_sentencepiece
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return PaliGemma2Tokenizer(train_tiny_sentencepiece(["caption en", "a red cat", "answer en what"] * 5))
+    return PaliGemma2Tokenizer(
+        train_tiny_sentencepiece(["caption en", "a red cat", "answer en what"] * 5)
+    )
 
 
 @pytest.fixture
 def preprocessor(tokenizer):
-    return PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28), sequence_length=12)
+    return PaliGemma2CausalLMPreprocessor(
+        tokenizer, PaliGemma2ImageConverter(28), sequence_length=12
+    )
 
 
 def _ids(tokenizer, text):
@@ -25,7 +29,13 @@ def _ids(tokenizer, text):
 
 def test_layout_masks_and_labels(preprocessor, tokenizer):
     image = np.zeros((40, 30, 3), np.uint8)
-    x, y, weights = preprocessor({"images": [image, image], "prompts": ["caption en", "answer en what"], "responses": ["a red cat", ""]})
+    x, y, weights = preprocessor(
+        {
+            "images": [image, image],
+            "prompts": ["caption en", "answer en what"],
+            "responses": ["a red cat", ""],
+        }
+    )
     sep = tokenizer.separator_ids
     row0 = [2] + _ids(tokenizer, "caption en") + sep + _ids(tokenizer, "a red cat") + [1]
     full = np.zeros(13, int)
@@ -44,7 +54,9 @@ def test_layout_masks_and_labels(preprocessor, tokenizer):
 
 
 def test_generate_preprocess_has_no_response(preprocessor, tokenizer):
-    x = preprocessor.generate_preprocess({"images": np.zeros((28, 28, 3), np.uint8), "prompts": "caption en"})
+    x = preprocessor.generate_preprocess(
+        {"images": np.zeros((28, 28, 3), np.uint8), "prompts": "caption en"}
+    )
     n = 1 + len(_ids(tokenizer, "caption en")) + 1
     assert x["padding_mask"][0].sum() == n and x["response_mask"].sum() == 0
 
@@ -57,7 +69,9 @@ def test_over_long_inputs(preprocessor):
         preprocessor({"images": image, "prompts": "caption en", "responses": "a red cat " * 5})
     preprocessor.truncate = "response"
     with pytest.warns(UserWarning, match="1 of 1 responses were cut"):
-        x, y, weights = preprocessor({"images": image, "prompts": "caption en", "responses": "a red cat " * 5})
+        x, y, weights = preprocessor(
+            {"images": image, "prompts": "caption en", "responses": "a red cat " * 5}
+        )
     assert x["padding_mask"].all()
 
 
@@ -65,10 +79,22 @@ def test_over_long_inputs(preprocessor):
     "x,message",
     [
         ({"images": np.zeros((28, 28, 3)), "prompts": " ", "responses": "a"}, "Empty prompt"),
-        ({"images": [np.zeros((28, 28, 3))] * 2, "prompts": "caption en", "responses": "a"}, "2 images but 1 prompts"),
-        ({"images": np.zeros((28, 28, 3)), "prompts": ["a", "b"], "responses": ["a"]}, "2 prompts but 1 responses"),
-        ({"images": np.zeros((28, 28, 3)), "prompts": "caption en"}, "Missing keys \\['responses'\\]"),
-        ({"images": np.zeros((28, 28, 3)), "prompts": 3, "responses": "a"}, "must be strings|not iterable"),
+        (
+            {"images": [np.zeros((28, 28, 3))] * 2, "prompts": "caption en", "responses": "a"},
+            "2 images but 1 prompts",
+        ),
+        (
+            {"images": np.zeros((28, 28, 3)), "prompts": ["a", "b"], "responses": ["a"]},
+            "2 prompts but 1 responses",
+        ),
+        (
+            {"images": np.zeros((28, 28, 3)), "prompts": "caption en"},
+            "Missing keys \\['responses'\\]",
+        ),
+        (
+            {"images": np.zeros((28, 28, 3)), "prompts": 3, "responses": "a"},
+            "must be strings|not iterable",
+        ),
     ],
 )
 def test_bad_inputs(preprocessor, x, message):

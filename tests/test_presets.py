@@ -46,6 +46,8 @@ def test_every_released_checkpoint_is_registered_with_its_sources():
 
 def test_source_applies_to_registered_names_only(fixtures_dir):
     with pytest.raises(ValueError, match="registered preset names only"):
-        PaliGemma2Backbone.from_preset(fixtures_dir / "bv_tiny" / "tiny_f32.npz", source="transformers")
+        PaliGemma2Backbone.from_preset(
+            fixtures_dir / "bv_tiny" / "tiny_f32.npz", source="transformers"
+        )
     with pytest.raises(ValueError, match="Unknown source 'github'"):
         PaliGemma2Backbone.from_preset("pg2_3b_224", source="github")

@@ -56,7 +56,9 @@ def test_training_examples_are_reproducible_and_cover_every_task():
     np.testing.assert_array_equal(a["images"], b["images"])
     assert a["prompts"] == b["prompts"] and a["responses"] == b["responses"]
     assert set(a["tasks"]) == set(shapes.TASKS)
-    only = shapes.training_examples(10, seed=3, task_weights={"caption": 1, "detect": 0, "count": 0, "colour": 0})
+    only = shapes.training_examples(
+        10, seed=3, task_weights={"caption": 1, "detect": 0, "count": 0, "colour": 0}
+    )
     assert set(only["prompts"]) == {"caption en"}
 
 
@@ -75,7 +77,9 @@ class _Oracle:
         replies = []
         for image, prompt in zip(inputs["images"], inputs["prompts"]):
             answers = {p: r for t, p, r in shapes.questions(self.scenes[image.tobytes()])}
-            task = next(t for t, p, _ in shapes.questions(self.scenes[image.tobytes()]) if p == prompt)
+            task = next(
+                t for t, p, _ in shapes.questions(self.scenes[image.tobytes()]) if p == prompt
+            )
             replies.append("nonsense" if task in self.wrong else answers[prompt])
         return replies
 
@@ -83,7 +87,11 @@ class _Oracle:
 def test_evaluate_scores_an_oracle_perfectly_and_a_wrong_model_at_zero():
     perfect = shapes.evaluate(_Oracle(20, 7), count=20, seed=7, batch_size=16)
     assert perfect == {
-        "caption": 1.0, "count": 1.0, "colour": 1.0, "detection_recall": 1.0, "detection_precision": 1.0,
+        "caption": 1.0,
+        "count": 1.0,
+        "colour": 1.0,
+        "detection_recall": 1.0,
+        "detection_precision": 1.0,
     }
     wrong = shapes.evaluate(_Oracle(20, 7, wrong=shapes.TASKS), count=20, seed=7)
     assert wrong["caption"] == wrong["count"] == wrong["colour"] == 0.0

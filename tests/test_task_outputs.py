@@ -43,7 +43,10 @@ def test_segmentation_codes_are_parsed():
 
 
 def test_malformed_objects_are_skipped():
-    text = "<loc0500><loc0000><loc0100><loc1023> upside down ; <loc0001><loc0002> short ; <loc0000><loc0000><loc0100><loc0100> ok"
+    text = (
+        "<loc0500><loc0000><loc0100><loc1023> upside down ; <loc0001><loc0002> short ; "
+        "<loc0000><loc0000><loc0100><loc0100> ok"
+    )
     assert [o["label"] for o in parse_detections(text)] == ["ok"]
     assert parse_detections(None) == []
 
@@ -57,7 +60,15 @@ boxes = st.tuples(_span, _span).map(lambda s: (s[0][0], s[1][0], s[0][1], s[1][1
 def test_round_trip_within_one_bin(objects):
     height, width = 480, 640
     pixel_objects = [
-        {"box": (b[0] / 1023 * height, b[1] / 1023 * width, b[2] / 1023 * height, b[3] / 1023 * width), "label": label}
+        {
+            "box": (
+                b[0] / 1023 * height,
+                b[1] / 1023 * width,
+                b[2] / 1023 * height,
+                b[3] / 1023 * width,
+            ),
+            "label": label,
+        }
         for b, label in objects
     ]
     parsed = parse_detections(format_detections(pixel_objects, (height, width)), (height, width))
@@ -92,16 +103,32 @@ def text_lm():
     from keras_paligemma2 import PaliGemma2Tokenizer
     from keras_paligemma2.tokenizer import train_tiny_sentencepiece
 
-    tokenizer = PaliGemma2Tokenizer(train_tiny_sentencepiece(["detect cat", "segment cat", "caption en"]))
-    backbone = PaliGemma2Backbone(
-        image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
-        vit_intermediate_dim=32, vocabulary_size=tokenizer.vocabulary_size(), num_layers=1,
-        hidden_dim=32, num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=48,
+    tokenizer = PaliGemma2Tokenizer(
+        train_tiny_sentencepiece(["detect cat", "segment cat", "caption en"])
     )
-    return PaliGemma2CausalLM(backbone, PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28)))
+    backbone = PaliGemma2Backbone(
+        image_size=28,
+        patch_size=14,
+        vit_hidden_dim=16,
+        vit_num_layers=1,
+        vit_num_heads=2,
+        vit_intermediate_dim=32,
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=1,
+        hidden_dim=32,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_dim=48,
+    )
+    return PaliGemma2CausalLM(
+        backbone, PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28))
+    )
 
 
-def test_task_calls_send_big_vision_prompts_and_scale_boxes(text_lm, monkeypatch, fixtures_dir, tmp_path):
+def test_task_calls_send_big_vision_prompts_and_scale_boxes(
+    text_lm, monkeypatch, fixtures_dir, tmp_path
+):
     seen = []
     reply = "<loc0000><loc0000><loc0511><loc1023> cat"
 
@@ -120,13 +147,22 @@ def test_task_calls_send_big_vision_prompts_and_scale_boxes(text_lm, monkeypatch
     assert objects[0]["box"] == pytest.approx((0, 0, 511 / 1023 * 100, 200))
 
     reference = np.load(fixtures_dir / "vae_tiny" / "reference_outputs.npz")
-    reply = "<loc0000><loc0000><loc1023><loc1023>" + "".join(f"<seg{c:03d}>" for c in reference["codes"][0]) + " cat"
+    reply = (
+        "<loc0000><loc0000><loc1023><loc1023>"
+        + "".join(f"<seg{c:03d}>" for c in reference["codes"][0])
+        + " cat"
+    )
     (segmented,) = text_lm.segment(image, "cat", fixtures_dir / "vae_tiny" / "vae.npz")
     assert seen[-1] == ["segment cat"]
     assert segmented["mask"].shape == (100, 200)
-    expected = np.asarray(
-        __import__("PIL.Image", fromlist=["Image"]).fromarray(reference["mask_logits"][0]).resize((200, 100), resample=2)
-    ) > 0
+    expected = (
+        np.asarray(
+            __import__("PIL.Image", fromlist=["Image"])
+            .fromarray(reference["mask_logits"][0])
+            .resize((200, 100), resample=2)
+        )
+        > 0
+    )
     np.testing.assert_array_equal(segmented["mask"], expected)
     from keras_paligemma2.task_outputs import draw
 

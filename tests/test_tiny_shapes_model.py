@@ -11,13 +11,21 @@ from keras_paligemma2 import shapes
 from keras_paligemma2.presets import embedded_preset_dir
 
 # The minimums the shipped weights must reach on 300 held-out scenes (issue 5).
-MINIMUMS = {"caption": 0.80, "count": 0.85, "colour": 0.90, "detection_recall": 0.70, "detection_precision": 0.70}
+MINIMUMS = {
+    "caption": 0.80,
+    "count": 0.85,
+    "colour": 0.90,
+    "detection_recall": 0.70,
+    "detection_precision": 0.70,
+}
 
 
 @pytest.fixture(scope="module")
 def measured():
     lm = PaliGemma2CausalLM.from_preset("pg2_tiny_shapes")
-    recorded = json.loads((pathlib.Path(embedded_preset_dir("pg2_tiny_shapes")) / "accuracy.json").read_text())
+    recorded = json.loads(
+        (pathlib.Path(embedded_preset_dir("pg2_tiny_shapes")) / "accuracy.json").read_text()
+    )
     return shapes.evaluate(lm, count=recorded["images"], seed=recorded["seed"]), recorded
 
 
@@ -46,7 +54,18 @@ def test_lora_transfer_to_a_new_question_shortened():
     import finetune_lora
 
     result = finetune_lora.main(
-        ["--train-examples", "512", "--test-examples", "64", "--epochs", "2", "--learning-rate", "1e-2", "--save", ""]
+        [
+            "--train-examples",
+            "512",
+            "--test-examples",
+            "64",
+            "--epochs",
+            "2",
+            "--learning-rate",
+            "1e-2",
+            "--save",
+            "",
+        ]
     )
     assert result["losses"][-1] < result["losses"][0]
     assert result["after"] > result["before"]

@@ -9,7 +9,12 @@ import sentencepiece
 from keras_paligemma2 import PaliGemma2Tokenizer
 from keras_paligemma2.tokenizer import train_tiny_sentencepiece
 
-TEXTS = ["caption en", "red circle and blue square", "detect circle ; square", "answer en how many?"] * 5
+TEXTS = [
+    "caption en",
+    "red circle and blue square",
+    "detect circle ; square",
+    "answer en how many?",
+] * 5
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +45,19 @@ def test_round_trip_text(proto):
 def test_vocabulary_without_location_tokens_is_refused():
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(TEXTS), model_writer=model, vocab_size=40,
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-        bos_piece="<bos>", unk_piece="<unk>", hard_vocab_limit=False, minloglevel=2,
+        sentence_iterator=iter(TEXTS),
+        model_writer=model,
+        vocab_size=40,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        hard_vocab_limit=False,
+        minloglevel=2,
     )
     with pytest.raises(ValueError, match="lacks <loc0000>..<loc1023>"):
         PaliGemma2Tokenizer(model.getvalue())

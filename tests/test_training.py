@@ -18,7 +18,17 @@ from keras_paligemma2.training import TrainingCheckpoint
 from keras_paligemma2.training import big_vision_optimizer
 from keras_paligemma2.training import big_vision_schedule
 
-WORDS = ["red", "green", "blue", "circle", "square", "caption en", "answer en how many", "one", "two"]
+WORDS = [
+    "red",
+    "green",
+    "blue",
+    "circle",
+    "square",
+    "caption en",
+    "answer en how many",
+    "one",
+    "two",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +39,26 @@ def tokenizer_proto():
 def make_lm(tokenizer_proto, seed=0, **overrides):
     tokenizer = PaliGemma2Tokenizer(tokenizer_proto)
     config = dict(
-        image_size=28, patch_size=14, vit_hidden_dim=16, vit_num_layers=1, vit_num_heads=2,
-        vit_intermediate_dim=32, vocabulary_size=tokenizer.vocabulary_size(), num_layers=2,
-        hidden_dim=32, num_query_heads=2, num_key_value_heads=1, head_dim=8, intermediate_dim=48,
+        image_size=28,
+        patch_size=14,
+        vit_hidden_dim=16,
+        vit_num_layers=1,
+        vit_num_heads=2,
+        vit_intermediate_dim=32,
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=2,
+        hidden_dim=32,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_dim=48,
     )
     config.update(overrides)
     keras.utils.set_random_seed(seed)
     backbone = PaliGemma2Backbone(**config)
-    preprocessor = PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28), sequence_length=12)
+    preprocessor = PaliGemma2CausalLMPreprocessor(
+        tokenizer, PaliGemma2ImageConverter(28), sequence_length=12
+    )
     return PaliGemma2CausalLM(backbone, preprocessor)
 
 
@@ -83,7 +105,9 @@ def test_pooled_token_loss_is_the_documented_option(fixtures_dir):
     # big_vision's per-example losses, re-weighted by their token counts.
     counts = reference["batch3/n_supervised"]
     pooled = (reference["batch3/ls0.0/per_example_loss"] * counts).sum() / counts.sum()
-    got = float(ResponseCrossEntropy(normalization="per_token")(labels, logits, sample_weight=weights))
+    got = float(
+        ResponseCrossEntropy(normalization="per_token")(labels, logits, sample_weight=weights)
+    )
     np.testing.assert_allclose(got, pooled, rtol=1e-6)
     assert abs(got - float(reference["batch3/ls0.0/loss"])) > 0.1  # The two really differ here.
     with pytest.raises(ValueError, match="normalization must be one of"):
@@ -118,7 +142,9 @@ def test_fit_on_raw_examples_lowers_the_loss_and_counts_only_responses(tokenizer
     scrambled = np.where(np.asarray(w) > 0, y, (np.asarray(y) + 1) % lm.backbone.vocabulary_size)
     after = float(lm.compute_loss(x=x, y=scrambled, y_pred=lm(x), sample_weight=w))
     assert before == after
-    np.testing.assert_allclose(before, float(ResponseCrossEntropy()(y, lm(x), sample_weight=w)), rtol=1e-6)
+    np.testing.assert_allclose(
+        before, float(ResponseCrossEntropy()(y, lm(x), sample_weight=w)), rtol=1e-6
+    )
     history = lm.fit(data, batch_size=4, epochs=8, verbose=0)
     losses = history.history["loss"]
     assert losses[-1] < 0.5 * losses[0]
@@ -240,7 +266,9 @@ def test_lora_on_an_int8_base_fits_and_generates(tokenizer_proto):
     after = _trained_variables(lm)
     changed = {p for p in before if not np.array_equal(before[p], after[p])}
     assert changed and all("lora_kernel" in p for p in changed)
-    text = lm.generate({"images": examples(1)["images"][0], "prompts": "caption en"}, max_new_tokens=4)
+    text = lm.generate(
+        {"images": examples(1)["images"][0], "prompts": "caption en"}, max_new_tokens=4
+    )
     assert isinstance(text, str)
     with pytest.raises(ValueError, match="quantised"):
         lm.merge_lora()
@@ -265,7 +293,10 @@ def test_freezing_recipes(tokenizer_proto, recipe, trains):
 
 
 def _one_sgd_step(lm, data, **compile_kwargs):
-    lm.compile(optimizer=keras.optimizers.SGD(0.1, **compile_kwargs.pop("optimizer_kwargs", {})), **compile_kwargs)
+    lm.compile(
+        optimizer=keras.optimizers.SGD(0.1, **compile_kwargs.pop("optimizer_kwargs", {})),
+        **compile_kwargs,
+    )
     lm.fit(data, batch_size=compile_kwargs.pop("batch_size", 4), shuffle=False, epochs=1, verbose=0)
     return _trained_variables(lm)
 
@@ -331,7 +362,6 @@ def test_big_vision_schedule_equals_big_vision(fixtures_dir):
 )
 def test_big_vision_optimizer_follows_big_vision_optax(fixtures_dir, config, weight_decay, mults):
     from keras_paligemma2.checkpoints import big_vision
-    from keras_paligemma2.checkpoints.common import read_npz_lazily
 
     reference = _big_vision_optax(fixtures_dir)
     checkpoint = fixtures_dir / "bv_tiny" / "tiny_f32.npz"
@@ -349,7 +379,11 @@ def test_big_vision_optimizer_follows_big_vision_optax(fixtures_dir, config, wei
         total_steps=10, learning_rate=1e-2, warmup_fraction=0.2, weight_decay=weight_decay, **kwargs
     )
     a, b = reference["grads/a"], reference["grads/b"]
-    snapshots = sorted(int(k.split("/step")[1].split("/")[0]) for k in reference if k.startswith(f"{config}/step") and k.endswith("/params/img/head/kernel"))
+    snapshots = sorted(
+        int(k.split("/step")[1].split("/")[0])
+        for k in reference
+        if k.startswith(f"{config}/step") and k.endswith("/params/img/head/kernel")
+    )
     assert snapshots[-1] == 10
     import jax
 
@@ -373,7 +407,9 @@ def test_big_vision_optimizer_follows_big_vision_optax(fixtures_dir, config, wei
             for v, x in zip(variables, values):
                 want = per_variable(f"{config}/step{step}", v)
                 # float32 updates of size ~1e-2 on values ~1: 1e-6 relative.
-                np.testing.assert_allclose(np.asarray(x), want, rtol=1e-6, atol=1e-7, err_msg=f"{v.path} step {step}")
+                np.testing.assert_allclose(
+                    np.asarray(x), want, rtol=1e-6, atol=1e-7, err_msg=f"{v.path} step {step}"
+                )
     decayed = {n for n in reference[f"{config}/decay_mask_keys"].tolist()}
     ours = {names[v.path] for v in variables if weight_decay and optimizer.decay_multiplier(v)}
     assert ours == decayed
@@ -383,9 +419,14 @@ def test_big_vision_optimizer_with_accumulation_counts_updates():
     # Two accumulated steps of gradient g make one update with g: the same
     # parameters, schedule count and moments as one step without accumulation.
     def run(accumulation, calls):
-        variable = keras.Variable(np.linspace(-1, 1, 6).astype("float32").reshape(2, 3), name="kernel")
+        variable = keras.Variable(
+            np.linspace(-1, 1, 6).astype("float32").reshape(2, 3), name="kernel"
+        )
         optimizer = big_vision_optimizer(
-            total_steps=4, learning_rate=0.1, warmup_fraction=0.25, gradient_accumulation_steps=accumulation
+            total_steps=4,
+            learning_rate=0.1,
+            warmup_fraction=0.25,
+            gradient_accumulation_steps=accumulation,
         )
         for step in range(calls):
             gradient = np.full((2, 3), 0.5 * (1 + step // (accumulation or 1)), "float32")
@@ -459,7 +500,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tokenizer_proto, 
     directory = tmp_path / "run"
     diverge = _DivergeAfterFirstEpoch(directory / "state.safetensors")
     with pytest.raises(FloatingPointError, match=r"at epoch 2, step \d"):
-        lm.fit(examples(8), batch_size=4, epochs=3, verbose=0, callbacks=[TrainingCheckpoint(directory), diverge])
+        lm.fit(
+            examples(8),
+            batch_size=4,
+            epochs=3,
+            verbose=0,
+            callbacks=[TrainingCheckpoint(directory), diverge],
+        )
     assert (directory / "state.safetensors").read_bytes() == diverge.saved
     assert TrainingCheckpoint(directory).completed_epochs() == 1
     assert not [f for f in os.listdir(directory) if "partial" in f or f.endswith(".tmp")]
@@ -481,7 +528,9 @@ def test_bad_training_input_is_explained(tokenizer_proto):
     with pytest.raises(ValueError, match="neither an existing file path nor a decodable image"):
         next(preprocessed_dataset(iter_once(garbage), lm.preprocessor))
     # An empty response trains the model to stop at once: only <eos> counts.
-    _, _, weights = lm.preprocessor({"images": data["images"][:1], "prompts": ["caption en"], "responses": [""]})
+    _, _, weights = lm.preprocessor(
+        {"images": data["images"][:1], "prompts": ["caption en"], "responses": [""]}
+    )
     assert weights.sum() == 1
 
 
@@ -500,9 +549,18 @@ def test_fit_takes_a_list_of_differently_sized_images(tokenizer_proto):
         np.zeros((90, 30, 4), "uint8"),
         np.full((50, 50, 3), 255, "uint8"),
     ]
-    data = {"images": images, "prompts": ["caption en"] * 4, "responses": ["red", "green", "blue", "red"]}
+    data = {
+        "images": images,
+        "prompts": ["caption en"] * 4,
+        "responses": ["red", "green", "blue", "red"],
+    }
     history = lm.fit(data, batch_size=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     with pytest.raises(ValueError, match=r"examples \[0, 1\] of the data set\): image 1 has shape"):
-        lm.fit({**data, "images": [images[0], np.zeros((5, 5, 7), "uint8"), images[2], images[3]]},
-               batch_size=2, shuffle=False, epochs=1, verbose=0)
+        lm.fit(
+            {**data, "images": [images[0], np.zeros((5, 5, 7), "uint8"), images[2], images[3]]},
+            batch_size=2,
+            shuffle=False,
+            epochs=1,
+            verbose=0,
+        )

@@ -1,8 +1,8 @@
 """SigLIP encoder against numpy_reference (big_vision `vit.py` semantics)."""
 
 import numpy as np
-
 import numpy_reference as ref
+
 from keras_paligemma2.vision_encoder import VisionEncoder
 
 rng = None  # Reseeded from each test's id (conftest).

@@ -33,9 +33,7 @@ def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
     if preset in presets.PRESETS:
         return _load_registered(cls, preset, load_weights, source, overrides)
     if source is not None:
-        raise ValueError(
-            f"`source` applies to registered preset names only, not {preset!r}."
-        )
+        raise ValueError(f"`source` applies to registered preset names only, not {preset!r}.")
     if os.path.isfile(preset):
         if not zipfile.is_zipfile(preset):
             with open(preset, "rb") as f:
@@ -127,8 +125,7 @@ def _load_keras_preset(cls, preset, load_weights, overrides):
         return _fill_from_keras_preset(model, preset)
     if class_name != "PaliGemmaBackbone":
         raise CheckpointError(
-            f"{preset!r} holds a keras-hub {class_name}, not a PaliGemma "
-            "backbone."
+            f"{preset!r} holds a keras-hub {class_name}, not a PaliGemma backbone."
         )
     from keras_hub.src.utils.preset_utils import load_json
 
@@ -147,9 +144,7 @@ def _load_keras_preset(cls, preset, load_weights, overrides):
         )
     _fill_from_keras_preset(source, preset)
     tensors = keras_hub_preset.read_tensors(source, keras_hub_preset.rules(config))
-    return _build_and_assign(
-        cls, config, keras_hub_preset.rules, tensors, preset, load_weights
-    )
+    return _build_and_assign(cls, config, keras_hub_preset.rules, tensors, preset, load_weights)
 
 
 def _fill_from_keras_preset(model, preset):
@@ -174,8 +169,7 @@ def _fill_from_keras_preset(model, preset):
         empty = [v.path for v in model.variables if v._value is None]
         if empty:
             raise CheckpointError(
-                f"Preset {preset!r} has no values for {len(empty)} variables: "
-                f"{', '.join(empty)}."
+                f"Preset {preset!r} has no values for {len(empty)} variables: {', '.join(empty)}."
             )
     finally:
         forget_pending_initialization(model.variables)
@@ -206,9 +200,7 @@ def _load_registered(cls, name, load_weights, source, overrides):
             config = hf.infer_config(json.load(f), repo)
         _check_matches_preset(config, entry["config"], repo, name)
         tensors = hf.read_tensors(directory)
-        return load_model(
-            cls, {**config, **overrides}, hf.rules, tensors, repo, hf.TIED_OUTPUT
-        )
+        return load_model(cls, {**config, **overrides}, hf.rules, tensors, repo, hf.TIED_OUTPUT)
     path = hub.download_file(**sources["big_vision"])
     tensors = big_vision.strip_prefix(read_npz_lazily(path))
     config = big_vision.infer_config(tensors, path)
@@ -301,8 +293,7 @@ def _check_overrides(cls, overrides):
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise ValueError(
-            f"Unknown config overrides {unknown} for {cls.__name__}. "
-            f"Accepted: {sorted(accepted)}."
+            f"Unknown config overrides {unknown} for {cls.__name__}. Accepted: {sorted(accepted)}."
         )
 
 

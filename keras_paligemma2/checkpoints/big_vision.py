@@ -75,14 +75,14 @@ def rules(config):
     table = [
         # big_vision keeps a leading batch axis of 1 on the position
         # embedding: (1, P, W).
-        Rule(ours, theirs, (lambda x: x[0]) if ours.endswith("position_embedding") else (lambda x: x))
+        Rule(
+            ours, theirs, (lambda x: x[0]) if ours.endswith("position_embedding") else (lambda x: x)
+        )
         for ours, theirs in TOP_LEVEL
     ]
     for i in range(config["vit_num_layers"]):
         for ours, theirs in VIT_BLOCK:
-            table.append(
-                Rule(f"vision_encoder/block_{i}/{ours}", VIT + theirs, layer_slice(i))
-            )
+            table.append(Rule(f"vision_encoder/block_{i}/{ours}", VIT + theirs, layer_slice(i)))
     for i in range(config["num_layers"]):
         for ours, theirs, packed in DECODER_BLOCK:
             convert = layer_slice(i)
@@ -113,7 +113,9 @@ def big_vision_name(variable_path):
 def strip_prefix(tensors):
     """Drops the `params/` prefix the released files carry."""
     if any(k.startswith("params/") for k in tensors):
-        return {k[len("params/") :] if k.startswith("params/") else k: v for k, v in tensors.items()}
+        return {
+            k[len("params/") :] if k.startswith("params/") else k: v for k, v in tensors.items()
+        }
     return dict(tensors)
 
 

@@ -274,9 +274,13 @@ def load_model(cls, config, rules, tensors, source_name, ignored=(), progress=No
         # hands finished ones to their variables; at most `window` tensors
         # are in flight beside the model.
         window = 3
-        with tqdm.tqdm(
-            total=total, unit="B", unit_scale=True, desc="loading", disable=not show
-        ) as bar, concurrent.futures.ThreadPoolExecutor(2) as workers, contextlib.ExitStack() as stack:
+        with (
+            tqdm.tqdm(
+                total=total, unit="B", unit_scale=True, desc="loading", disable=not show
+            ) as bar,
+            concurrent.futures.ThreadPoolExecutor(2) as workers,
+            contextlib.ExitStack() as stack,
+        ):
             reader = stack.enter_context(contextlib.closing(_FileReader()))
             pending = collections.deque()
             prefetched = set()
@@ -288,9 +292,12 @@ def load_model(cls, config, rules, tensors, source_name, ignored=(), progress=No
                         prefetched.add(rule.source)
                     variable = variables[rule.target]
                     pending.append(
-                        (variable, workers.submit(
-                            _device_value, rule, tensors[rule.source], variable, reader
-                        ))
+                        (
+                            variable,
+                            workers.submit(
+                                _device_value, rule, tensors[rule.source], variable, reader
+                            ),
+                        )
                     )
                 if len(pending) > window or (rule is None and pending):
                     variable, future = pending.popleft()
@@ -335,9 +342,7 @@ def _check(table, variables, tensors, source_name, ignored):
         if missing:
             lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
         if unexpected:
-            lines.append(
-                f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}"
-            )
+            lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
         for problem in dict.fromkeys(problems):
             lines.append(f"  mis-shaped: {problem}")
         lines.append(

@@ -205,8 +205,16 @@ def rules(config):
         ]
         for projection, name in (("query", "q"), ("key", "k"), ("value", "v")):
             table += [
-                Rule(ours + f"attention/{projection}/kernel", theirs + f"self_attn.{name}_proj.weight", vit_in),
-                Rule(ours + f"attention/{projection}/bias", theirs + f"self_attn.{name}_proj.bias", vit_in_bias),
+                Rule(
+                    ours + f"attention/{projection}/kernel",
+                    theirs + f"self_attn.{name}_proj.weight",
+                    vit_in,
+                ),
+                Rule(
+                    ours + f"attention/{projection}/bias",
+                    theirs + f"self_attn.{name}_proj.bias",
+                    vit_in_bias,
+                ),
             ]
     for i in range(config["num_layers"]):
         ours, theirs = f"decoder_block_{i}/", f"text.layers.{i}."

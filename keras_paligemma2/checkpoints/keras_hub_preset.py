@@ -13,6 +13,7 @@ soft-cap to every logit); override them in `from_preset` if needed.
 """
 
 import collections
+
 import numpy as np
 
 from keras_paligemma2 import presets
@@ -92,9 +93,7 @@ def infer_config(keras_hub_config, source_name):
         attention_logit_soft_cap=c.get("attention_logit_soft_cap"),
         final_logit_soft_cap=c.get("final_logit_soft_cap"),
         sliding_window_size=(
-            c.get("sliding_window_size", 4096)
-            if c.get("use_sliding_window_attention")
-            else None
+            c.get("sliding_window_size", 4096) if c.get("use_sliding_window_attention") else None
         ),
         layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-6),
     )

@@ -68,7 +68,8 @@ def test_bfloat16_variables(bv, reference):
     assert str(backbone.token_embedding.embeddings.dtype) == "bfloat16"
     want = read_npz_lazily(bv / "tiny.b16.npz")["params/llm/embedder/input_embedding"].read()
     np.testing.assert_array_equal(
-        np.asarray(backbone.token_embedding.embeddings).view(np.uint16), np.asarray(want).view(np.uint16)
+        np.asarray(backbone.token_embedding.embeddings).view(np.uint16),
+        np.asarray(want).view(np.uint16),
     )
 
 
@@ -166,7 +167,9 @@ def test_member_cut_short_is_refused(bv, tmp_path):
     # A zip whose central directory survives but whose member data is short.
     path = tmp_path / "short.npz"
     with zipfile.ZipFile(path, "w") as archive:
-        header = b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (1000,), }"
+        header = (
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (1000,), }"
+        )
         header = header.ljust(10 + 118, b" ") + b"\n"
         archive.writestr("params/img/pos_embedding.npy", header + b"\x00" * 16)
     with pytest.raises(CheckpointError, match="ends at byte"):

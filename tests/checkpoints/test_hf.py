@@ -105,7 +105,9 @@ def _no_vision_model(name):
 def test_every_key_spelling_loads(hf_dir, reference, tmp_path, rename):
     tensors = load_file(hf_dir / "model.safetensors")
     embedding_name = rename("language_model.model.embed_tokens.weight")
-    padded = np.concatenate([tensors["language_model.model.embed_tokens.weight"], np.ones((64, 48), np.float32)])
+    padded = np.concatenate(
+        [tensors["language_model.model.embed_tokens.weight"], np.ones((64, 48), np.float32)]
+    )
     path = _respell(
         hf_dir,
         tmp_path,

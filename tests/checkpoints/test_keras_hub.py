@@ -72,8 +72,13 @@ def test_keras_hub_preset_gives_the_same_hidden_states(saved_keras_hub_preset):
 def test_28b_query_scale_is_fixed_on_the_way_in():
     config = dict(KERAS_HUB_TINY)
     config.update(
-        num_layers=46, hidden_dim=4608, num_query_heads=32, num_key_value_heads=16,
-        head_dim=128, intermediate_dim=2 * 36864, query_head_dim_normalize=True,
+        num_layers=46,
+        hidden_dim=4608,
+        num_query_heads=32,
+        num_key_value_heads=16,
+        head_dim=128,
+        intermediate_dim=2 * 36864,
+        query_head_dim_normalize=True,
     )
     ours = keras_hub_preset.infer_config(config, "pali_gemma2_pt_28b_224")
     assert ours["query_pre_attn_scalar"] == 144  # keras-hub would use 128.
@@ -91,7 +96,10 @@ def test_save_to_preset_round_trip_is_bit_exact(tiny_config, tmp_path, dtype):
     for v in backbone.weights:
         v.assign(rng.normal(size=v.shape).astype("float32"))
     backbone.save_to_preset(str(tmp_path / "ours"))
-    assert json.loads((tmp_path / "ours" / "config.json").read_text())["class_name"] == "PaliGemma2Backbone"
+    assert (
+        json.loads((tmp_path / "ours" / "config.json").read_text())["class_name"]
+        == "PaliGemma2Backbone"
+    )
     restored = PaliGemma2Backbone.from_preset(tmp_path / "ours")
     assert restored.get_config() == backbone.get_config()
     for a, b in zip(backbone.weights, restored.weights):
@@ -115,11 +123,17 @@ def test_task_preset_keeps_bfloat16(tiny_config, tmp_path):
 def test_keras_hub_task_preset_brings_its_tokenizer_and_squashes_images(tmp_path):
     from keras_paligemma2.tokenizer import train_tiny_sentencepiece
 
-    tokenizer = keras_hub.models.PaliGemmaTokenizer(proto=train_tiny_sentencepiece(["caption en", "a cat"]))
-    converter = keras_hub.layers.PaliGemmaImageConverter(image_size=(28, 28), scale=1 / 127.5, offset=-1)
+    tokenizer = keras_hub.models.PaliGemmaTokenizer(
+        proto=train_tiny_sentencepiece(["caption en", "a cat"])
+    )
+    converter = keras_hub.layers.PaliGemmaImageConverter(
+        image_size=(28, 28), scale=1 / 127.5, offset=-1
+    )
     preprocessor = keras_hub.models.PaliGemmaCausalLMPreprocessor(tokenizer, converter)
     backbone = keras_hub.models.PaliGemmaBackbone(**KERAS_HUB_TINY)
-    keras_hub.models.PaliGemmaCausalLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(str(tmp_path / "kh"))
+    keras_hub.models.PaliGemmaCausalLM(backbone=backbone, preprocessor=preprocessor).save_to_preset(
+        str(tmp_path / "kh")
+    )
     lm = PaliGemma2CausalLM.from_preset(tmp_path / "kh")
     assert lm.preprocessor is not None
     assert lm.preprocessor.image_converter.crop_to_aspect_ratio is False  # big_vision squashes.
@@ -143,7 +157,11 @@ def test_our_task_preset_round_trips_its_preprocessor(tiny_config, tmp_path):
     assert (tmp_path / "task" / "assets" / "tokenizer").is_dir()
     restored = PaliGemma2CausalLM.from_preset(tmp_path / "task")
     assert restored.preprocessor.sequence_length == 20
-    sample = {"images": np.zeros((28, 28, 3), "uint8"), "prompts": "caption en", "responses": "a cat"}
+    sample = {
+        "images": np.zeros((28, 28, 3), "uint8"),
+        "prompts": "caption en",
+        "responses": "a cat",
+    }
     got, want = restored.preprocessor(sample), preprocessor(sample)
     np.testing.assert_array_equal(got[0]["token_ids"], want[0]["token_ids"])
 
@@ -183,7 +201,9 @@ def test_own_preset_loads_without_running_initializers(tiny_config, tmp_path, in
     assert len(initialized) >= len(weights)
 
 
-def test_keras_hub_preset_converts_without_running_initializers(saved_keras_hub_preset, initialized):
+def test_keras_hub_preset_converts_without_running_initializers(
+    saved_keras_hub_preset, initialized
+):
     source, path = saved_keras_hub_preset
     initialized.clear()
     ours = PaliGemma2Backbone.from_preset(path)

@@ -102,7 +102,9 @@ def _count_direct_reads(monkeypatch):
 
     calls = []
     real = common._FileReader._read_direct
-    monkeypatch.setattr(common._FileReader, "_read_direct", lambda self, *a: calls.append(a) or real(self, *a))
+    monkeypatch.setattr(
+        common._FileReader, "_read_direct", lambda self, *a: calls.append(a) or real(self, *a)
+    )
     return calls
 
 
@@ -119,7 +121,14 @@ def test_direct_reads_give_the_file_bytes_at_any_offset(tmp_path, monkeypatch):
     try:
         assert reader.reads_directly(str(path), 4096)
         assert not reader.reads_directly(str(path), 1000)  # small: through the cache
-        for offset, count in [(0, 4096), (1, 5000), (4095, 70001), (4096, 8192), (12345, 2 * 65536), (len(data) - 3001, 3001)]:
+        for offset, count in [
+            (0, 4096),
+            (1, 5000),
+            (4095, 70001),
+            (4096, 8192),
+            (12345, 2 * 65536),
+            (len(data) - 3001, 3001),
+        ]:
             got = reader.read_array(str(path), offset, np.uint8, (count,))
             np.testing.assert_array_equal(got, data[offset : offset + count])
             assert got.ctypes.data % 64 == 0  # jax.device_put adopts it without a copy
