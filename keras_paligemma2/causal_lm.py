@@ -135,7 +135,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         exactly what it gives alone. Prompt lengths are rounded up to a
         multiple of 16, so calls reuse one compiled function.
         """
-        from keras_paligemma2.generation import Decoder
+        from keras_paligemma2.generation import DecodeLoop
         from keras_paligemma2.generation import Sampler
 
         sampler = Sampler(temperature, top_k, top_p, seed)
@@ -177,18 +177,18 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 "return_logits=True is for sampling or greedy decoding from "
                 "token ids (a task without preprocessor), not for text or beam search."
             )
-        if not hasattr(self, "_decoder"):
-            self._decoder = Decoder(self)
+        if not hasattr(self, "_decode_loop"):
+            self._decode_loop = DecodeLoop(self)
         if beam_size is not None:
             if temperature or top_k is not None or top_p is not None:
                 raise ValueError("beam_size searches; it takes no temperature, top_k or top_p.")
             if not stop_token_ids:
                 raise ValueError("Beam search needs a stop token (the end of a finished sequence).")
-            tokens = self._decoder.beam_search(
+            tokens = self._decode_loop.beam_search(
                 images, token_ids, padding_mask, max_new_tokens, beam_size, stop_token_ids[0]
             )
         else:
-            tokens, logits = self._decoder(
+            tokens, logits = self._decode_loop(
                 images,
                 token_ids,
                 padding_mask,

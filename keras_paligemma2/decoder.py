@@ -110,7 +110,7 @@ class DecoderAttention(keras.layers.Layer):
         num_key_value_heads,
         head_dim,
         query_pre_attn_scalar,
-        soft_cap=None,
+        attention_logit_soft_cap=None,
         rope_max_wavelength=10_000,
         **kwargs,
     ):
@@ -119,7 +119,7 @@ class DecoderAttention(keras.layers.Layer):
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.query_pre_attn_scalar = query_pre_attn_scalar
-        self.soft_cap = soft_cap
+        self.attention_logit_soft_cap = attention_logit_soft_cap
         self.rope_max_wavelength = rope_max_wavelength
 
     def build(self, input_shape):
@@ -154,7 +154,9 @@ class DecoderAttention(keras.layers.Layer):
             attended_kv = kv_cache if attention_mask.shape[-1] != key.shape[1] else new_kv
             key = ops.cast(attended_kv[:, 0], key.dtype)
             value = ops.cast(attended_kv[:, 1], value.dtype)
-        encoded = dot_product_attention(query, key, value, attention_mask, soft_cap=self.soft_cap)
+        encoded = dot_product_attention(
+            query, key, value, attention_mask, soft_cap=self.attention_logit_soft_cap
+        )
         output = self.output_projection(encoded)
         return output if kv_cache is None else (output, kv_cache)
 
@@ -165,7 +167,7 @@ class DecoderAttention(keras.layers.Layer):
             num_key_value_heads=self.num_key_value_heads,
             head_dim=self.head_dim,
             query_pre_attn_scalar=self.query_pre_attn_scalar,
-            soft_cap=self.soft_cap,
+            attention_logit_soft_cap=self.attention_logit_soft_cap,
             rope_max_wavelength=self.rope_max_wavelength,
         )
         return config
@@ -235,18 +237,18 @@ class DecoderBlock(keras.layers.Layer):
         norm = dict(epsilon=self.layer_norm_epsilon, **common)
         self.pre_attention_norm = RMSNorm(name="pre_attention_norm", **norm)
         self.attention = DecoderAttention(
-            self.num_query_heads,
-            self.num_key_value_heads,
-            self.head_dim,
-            self.query_pre_attn_scalar,
-            soft_cap=self.attention_logit_soft_cap,
+            num_query_heads=self.num_query_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            query_pre_attn_scalar=self.query_pre_attn_scalar,
+            attention_logit_soft_cap=self.attention_logit_soft_cap,
             rope_max_wavelength=self.rope_max_wavelength,
             name="attention",
             **common,
         )
         self.post_attention_norm = RMSNorm(name="post_attention_norm", **norm)
         self.pre_ffw_norm = RMSNorm(name="pre_ffw_norm", **norm)
-        self.mlp = GatedMLP(self.intermediate_dim, name="mlp", **common)
+        self.mlp = GatedMLP(intermediate_dim=self.intermediate_dim, name="mlp", **common)
         self.post_ffw_norm = RMSNorm(name="post_ffw_norm", **norm)
         for layer in (
             self.pre_attention_norm,

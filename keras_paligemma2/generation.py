@@ -112,7 +112,7 @@ class Sampler:
         return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-class Decoder:
+class DecodeLoop:
     """KV-cache decoding for a `PaliGemma2CausalLM` (one per model)."""
 
     def __init__(self, causal_lm):

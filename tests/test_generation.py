@@ -27,7 +27,7 @@ def test_big_vision_greedy_and_first_step_logits(fixtures_dir, implementation):
             max_new_tokens=8,
             stop_token_ids=None,
         )
-        _, first = lm._decoder(reference["images"], prompt, mask, 8, [])
+        _, first = lm._decode_loop(reference["images"], prompt, mask, 8, [])
     np.testing.assert_array_equal(out["token_ids"], reference["greedy"])
     assert np.abs(np.asarray(first) - reference["step_logits"][:, 0]).max() < 1e-4
 
@@ -114,9 +114,9 @@ def test_ragged_batch_equals_each_alone(random_lm):
     for row, prompt in enumerate(prompts):
         token_ids[row, : len(prompt)] = prompt
         mask[row, : len(prompt)] = 1
-    tokens, first = random_lm._decoder(images, token_ids, mask, 5, [])
+    tokens, first = random_lm._decode_loop(images, token_ids, mask, 5, [])
     for row, prompt in enumerate(prompts):
-        alone_tokens, alone_first = random_lm._decoder(
+        alone_tokens, alone_first = random_lm._decode_loop(
             images[row : row + 1], np.array([prompt]), np.ones((1, len(prompt))), 5, []
         )
         np.testing.assert_array_equal(np.asarray(tokens)[row], np.asarray(alone_tokens)[0])
@@ -176,7 +176,7 @@ def test_text_in_text_out_reuses_one_compiled_function():
     lm.generate(
         {"images": [image, image], "prompts": ["answer en what", "caption en"]}, max_new_tokens=4
     )
-    assert len(lm._decoder._compiled) == 2  # (1, 16) and (2, 16) shapes only.
+    assert len(lm._decode_loop._compiled) == 2  # (1, 16) and (2, 16) shapes only.
     scores = lm.score(
         {"images": [image, image], "prompts": ["caption en"] * 2, "responses": ["a cat", "a"]}
     )
@@ -555,7 +555,7 @@ def test_final_soft_cap_scope(random_lm, scope):
     want = capped if scope == "all" else uncapped
     np.testing.assert_allclose(np.asarray(lm(full))[0], want, atol=1e-5)
     # Generation: the prefill logits, then the first decode step's.
-    decoder = lm._decoder
+    decoder = lm._decode_loop
     aligned, valid = right_align(prompt, np.ones_like(prompt))
     logits0, state = decoder._prefill(image, aligned, valid, max_new_tokens=2)
     prefill_len = backbone.num_image_tokens + aligned.shape[1]

@@ -12,7 +12,7 @@ import zipfile
 import keras
 import keras_hub
 
-from keras_paligemma2 import hub
+from keras_paligemma2 import download
 from keras_paligemma2 import presets
 from keras_paligemma2.checkpoints import big_vision
 from keras_paligemma2.checkpoints import hf
@@ -192,7 +192,7 @@ def _load_registered(cls, name, load_weights, source, overrides):
         return _load_keras_preset(cls, sources["keras_hub"], True, overrides)
     if source == "transformers":
         repo = sources["transformers"]["repo_id"]
-        directory = hub.download_repository(
+        directory = download.download_repository(
             repo,
             ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.model"],
         )
@@ -201,7 +201,7 @@ def _load_registered(cls, name, load_weights, source, overrides):
         _check_matches_preset(config, entry["config"], repo, name)
         tensors = hf.read_tensors(directory)
         return load_model(cls, {**config, **overrides}, hf.rules, tensors, repo, hf.TIED_OUTPUT)
-    path = hub.download_file(**sources["big_vision"])
+    path = download.download_file(**sources["big_vision"])
     tensors = big_vision.strip_prefix(read_npz_lazily(path))
     config = big_vision.infer_config(tensors, path)
     _check_matches_preset(config, entry["config"], path, name)
@@ -266,7 +266,7 @@ def _find_tokenizer(path, source):
         entry = presets.PRESETS[path]["sources"]
         if (source or "big_vision") == "keras_hub":
             return _find_tokenizer(entry["keras_hub"], None)
-        return PaliGemma2Tokenizer(hub.download_file(**entry["tokenizer"]))
+        return PaliGemma2Tokenizer(download.download_file(**entry["tokenizer"]))
     if "://" in path:
         from keras_hub.src.utils.preset_utils import check_file_exists
         from keras_hub.src.utils.preset_utils import get_file

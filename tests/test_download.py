@@ -7,13 +7,14 @@ import shutil
 
 import httpx2
 import huggingface_hub
+import huggingface_hub.constants  # A submodule: not an attribute until imported.
 import numpy as np
 import pytest
 from huggingface_hub import errors as hub_errors
 
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
-from keras_paligemma2 import hub
+from keras_paligemma2 import download
 from keras_paligemma2 import presets
 from keras_paligemma2.checkpoints import big_vision
 from keras_paligemma2.checkpoints import hf
@@ -118,7 +119,7 @@ def test_download_that_is_not_the_preset_is_refused(fake_hub, monkeypatch):
     config = dict(presets.PRESETS["pg2_tiny_42"]["config"], num_layers=3)
     monkeypatch.setitem(presets.PRESETS["pg2_tiny_42"], "config", config)
     with pytest.raises(
-        hub.CheckpointError,
+        download.CheckpointError,
         match="does not match preset 'pg2_tiny_42': num_layers 2 \\(preset: 3\\)",
     ):
         PaliGemma2Backbone.from_preset("pg2_tiny_42")
@@ -131,7 +132,7 @@ def test_gated_repository_says_accept_licence_and_never_shows_the_token(fake_hub
         raise _http_error(hub_errors.GatedRepoError, 403)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
-    with pytest.raises(hub.DownloadError) as error:
+    with pytest.raises(download.DownloadError) as error:
         PaliGemma2Backbone.from_preset("pg2_tiny_42")
     message = str(error.value)
     assert "accept the Gemma licence on https://huggingface.co/google/" in message
@@ -144,14 +145,14 @@ def test_interrupted_download_says_run_again(fake_hub, monkeypatch):
         raise ConnectionResetError("connection reset by peer")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", cut)
-    with pytest.raises(hub.DownloadError, match="Run the same call again"):
+    with pytest.raises(download.DownloadError, match="Run the same call again"):
         PaliGemma2Backbone.from_preset("pg2_tiny_42")
 
 
 def test_missing_file(fake_hub):
     root, _ = fake_hub
     os.remove(root / "google" / f"{STEM}-jax" / f"{STEM}.b16.npz")
-    with pytest.raises(hub.DownloadError, match=f"has no file {STEM}.b16.npz"):
+    with pytest.raises(download.DownloadError, match=f"has no file {STEM}.b16.npz"):
         PaliGemma2Backbone.from_preset("pg2_tiny_42")
 
 
@@ -161,8 +162,8 @@ def test_offline_with_the_real_client_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(hub.DownloadError) as error:
-        hub.download_file("google/paligemma2-3b-pt-224-jax", "paligemma2-3b-pt-224.b16.npz")
+    with pytest.raises(download.DownloadError) as error:
+        download.download_file("google/paligemma2-3b-pt-224-jax", "paligemma2-3b-pt-224.b16.npz")
     message = str(error.value)
     assert "no network" in message
     assert "hf download google/paligemma2-3b-pt-224-jax paligemma2-3b-pt-224.b16.npz" in message
