@@ -8,9 +8,9 @@ import json
 import keras
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 import keras_paligemma2 as kp
-from conftest import FIXTURES
 
 LEGACY = FIXTURES / "legacy_saves"
 
