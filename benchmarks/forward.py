@@ -1,6 +1,6 @@
 """Forward pass (text logits) of ours against keras-hub's PaliGemmaCausalLM.
 
-    python benchmarks/forward.py [--batch 8] [--text 64] [--repeats 5]
+    python -m benchmarks.forward [--batch 8] [--text 64] [--repeats 5]
 
 Builds keras-hub's `PaliGemmaCausalLM` with the shared benchmark config and
 random weights, saves it as a keras-hub preset, loads that preset into ours

@@ -1,6 +1,6 @@
 """Decoding speed of ours against keras-hub's PaliGemmaCausalLM, same weights.
 
-    python benchmarks/generate.py [--repeats 5]
+    python -m benchmarks.generate [--repeats 5]
 
 Shared benchmark config, random float32 weights moved from keras-hub's model
 into ours through a keras-hub preset. 16-token prompts, batch 1 and 8, 32 and
@@ -22,13 +22,11 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from forward import same_weights_pair  # noqa: E402
+from benchmarks.forward import same_weights_pair  # noqa: E402
 
 PROMPT = 16
 

@@ -16,12 +16,12 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ "${1:-decode}" = plan ]; then
   for run in "inference 16" "full 8"; do
-    python3 benchmarks/gpu_plan.py $run 2>&1 | tee -a "${OUT:-/tmp}/gpu_plan.log"
+    python3 -m benchmarks.gpu_plan $run 2>&1 | tee -a "${OUT:-/tmp}/gpu_plan.log"
   done
 elif [ "${1:-decode}" = train ]; then
   shift
-  python3 benchmarks/gpu_train.py --batches 8 32 "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_train.log"
+  python3 -m benchmarks.gpu_train --batches 8 32 "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_train.log"
 else
   [ "${1:-}" = decode ] && shift
-  python3 benchmarks/gpu_decode.py --batches 1 16 --peer "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_decode.log"
+  python3 -m benchmarks.gpu_decode --batches 1 16 --peer "$@" 2>&1 | tee "${OUT:-/tmp}/gpu_decode.log"
 fi

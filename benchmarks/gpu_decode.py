@@ -1,6 +1,6 @@
 """Decoding speed of a real-sized model on one accelerator, against the memory roofline.
 
-    python benchmarks/gpu_decode.py [--preset pg2_3b_224] [--batches 1 16] [--peer]
+    python -m benchmarks.gpu_decode [--preset pg2_3b_224] [--batches 1 16] [--peer]
 
 (`benchmarks/gpu.sh` runs it on the lent GPU machine.) Builds
 `PaliGemma2CausalLM` with the preset's shapes and random bfloat16 weights
@@ -22,7 +22,6 @@ N2 new tokens with no stop token, after a warm-up call of each shape.
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -31,14 +30,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.generate import PROMPT  # noqa: E402
+from benchmarks.generate import inputs  # noqa: E402
+from benchmarks.generate import timed_rounds  # noqa: E402
 from keras_paligemma2 import PaliGemma2Backbone  # noqa: E402
 from keras_paligemma2 import PaliGemma2CausalLM  # noqa: E402
-from keras_paligemma2.presets import preset_config  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate import PROMPT  # noqa: E402
-from generate import inputs  # noqa: E402
-from generate import timed  # noqa: E402
+from keras_paligemma2.checkpoints.presets import preset_config  # noqa: E402
 
 # The shared CPU benchmark config, for a quick check of this script.
 TINY = dict(
@@ -114,7 +111,8 @@ def keras_hub_model(config):
 
 def measure(name, model_generate, batch, lengths, repeats, rng):
     n1, n2 = lengths
-    results = {n: timed(lambda n=n: model_generate(batch, n, rng), repeats) for n in lengths}
+    # Both lengths timed round by round, so a disturbance falls on both alike.
+    results = timed_rounds({n: lambda n=n: model_generate(batch, n, rng) for n in lengths}, repeats)
     (t1, c1), (t2, _) = results[n1], results[n2]
     step = (t2 - t1) / (n2 - n1)
     prefill = t1 - (n1 - 1) * step

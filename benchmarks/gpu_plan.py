@@ -1,8 +1,8 @@
 """The memory planner against a real device: pg2_3b-shaped weights through
 `auto_distribution`, then the peak memory JAX reports.
 
-    python benchmarks/gpu_plan.py inference 16
-    python benchmarks/gpu_plan.py full 8
+    python -m benchmarks.gpu_plan inference 16
+    python -m benchmarks.gpu_plan full 8
 
 (`benchmarks/gpu.sh plan` runs both, one process each, so that each peak is
 its own.) Random bfloat16 weights, 224 px, 64 text tokens (inference: a
@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from keras_paligemma2 import PaliGemma2Backbone  # noqa: E402
 from keras_paligemma2 import PaliGemma2CausalLM  # noqa: E402
 from keras_paligemma2 import distribution as dist  # noqa: E402
-from keras_paligemma2.presets import preset_config  # noqa: E402
+from keras_paligemma2.checkpoints.presets import preset_config  # noqa: E402
 
 TEXT = 64
 

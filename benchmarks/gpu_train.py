@@ -1,6 +1,6 @@
 """LoRA training step of a real-sized model on one accelerator: examples/s and MFU.
 
-    python benchmarks/gpu_train.py [--preset pg2_3b_224] [--batches 16] [--remat]
+    python -m benchmarks.gpu_train [--preset pg2_3b_224] [--batches 16] [--remat]
 
 (`benchmarks/gpu.sh train` runs it on the lent GPU machine.) Builds
 `PaliGemma2CausalLM` with the preset's shapes and random bfloat16 weights,
@@ -21,7 +21,6 @@ printed beside it for comparison.
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -29,11 +28,9 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.gpu_decode import benchmark_config  # noqa: E402
 from keras_paligemma2 import PaliGemma2Backbone  # noqa: E402
 from keras_paligemma2 import PaliGemma2CausalLM  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_decode import benchmark_config  # noqa: E402
 
 PROMPT, RESPONSE = 32, 32
 

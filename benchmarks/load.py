@@ -1,8 +1,8 @@
 """Checkpoint loading: wall time and peak memory against reading the file once.
 
-    python benchmarks/load.py make DIR          # ~6 GB per format, random values
-    python benchmarks/load.py measure DIR       # each load in a fresh process
-    python benchmarks/load.py time PATH [--warm] # one load, for A/B runs
+    python -m benchmarks.load make DIR          # ~6 GB per format, random values
+    python -m benchmarks.load measure DIR       # each load in a fresh process
+    python -m benchmarks.load time PATH [--warm] # one load, for A/B runs
 
 `make` writes a 3B-shaped (pg2_3b_224) bfloat16 checkpoint with the real
 tensor names and shapes, as a big_vision `.b16.npz` and as an HF transformers
@@ -16,7 +16,7 @@ where allowed), the least any loader must do: on VMs where first-touching
 fresh memory is slow, that, not the disk, bounds loading.
 `time` runs one `from_preset` in a fresh process, the page cache dropped first
 (kept with `--warm`), without the `cat`s: to compare two checkouts in turn,
-`PYTHONPATH=CHECKOUT python benchmarks/load.py time PATH`.
+run `python -m benchmarks.load time PATH` from each checkout in turn.
 """
 
 import argparse
@@ -30,8 +30,6 @@ import zipfile
 import ml_dtypes
 import numpy as np
 from numpy.lib import format as npy_format
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 V = 257_152
 D, L, N, K, H, F = 2304, 26, 8, 4, 256, 9216  # gemma2_2b

@@ -1,6 +1,6 @@
 """The memory planner's table for the README: per-device memory of the released sizes.
 
-    python benchmarks/plan_table.py
+    python -m benchmarks.plan_table
 
 For each model (224 px), mode and machine, the first mesh (most
 data-parallel first) whose plan fits 90% of a device, as `auto_distribution`

@@ -1,6 +1,6 @@
 """Loading a mid-size model into shards on 8 simulated devices.
 
-    python benchmarks/sharded.py [--mesh 2 4]
+    python -m benchmarks.sharded [--mesh 2 4]
 
 Writes a mid-size PaliGemma 2 (random float32 weights, about 0.5 B
 parameters: SigLIP-like ViT of 12 x 768, Gemma 2 decoder of 12 x 1536 with
@@ -89,6 +89,9 @@ def load(preset, mesh, fsdp):
     )
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mesh", type=int, nargs=2, default=[2, 4])
@@ -113,7 +116,11 @@ def main():
         ]
         for name, extra in runs:
             print(f"{name}:", flush=True)
-            subprocess.run([sys.executable, __file__, "--load", preset, *extra], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "benchmarks.sharded", "--load", preset, *extra],
+                check=True,
+                cwd=REPO,
+            )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Training step of ours against keras-hub's PaliGemmaCausalLM, same weights.
 
-    python benchmarks/train.py [--steps 3]
+    python -m benchmarks.train [--steps 3]
 
 Shared benchmark config (see forward.py), random float32 weights made in
 keras-hub's model and saved as a keras-hub preset, which both models load.
@@ -92,6 +92,9 @@ def run_one(model_name, mode, preset, steps):
     )
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
@@ -106,8 +109,7 @@ def main():
     import keras_hub
     import numpy as np
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from forward import KERAS_HUB_CONFIG
+    from benchmarks.forward import KERAS_HUB_CONFIG
 
     with tempfile.TemporaryDirectory() as preset:
         rng = np.random.default_rng(0)
@@ -126,7 +128,8 @@ def main():
                 out = subprocess.run(
                     [
                         sys.executable,
-                        __file__,
+                        "-m",
+                        "benchmarks.train",
                         "--steps",
                         str(args.steps),
                         "--child",
@@ -136,6 +139,7 @@ def main():
                     ],
                     capture_output=True,
                     text=True,
+                    cwd=REPO,
                 )
                 lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
                 if out.returncode or not lines:

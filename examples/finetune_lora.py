@@ -20,7 +20,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_paligemma2 import PaliGemma2CausalLM  # noqa: E402
-from keras_paligemma2 import shapes  # noqa: E402
+from keras_paligemma2.apps import shapes  # noqa: E402
 
 PROMPT = "answer en which shape is on the left?"
 

@@ -5,7 +5,7 @@ held-out accuracy.
 
     python examples/train_tiny_shapes.py                 # train (or go on training)
     python examples/train_tiny_shapes.py --epochs 30     # a longer schedule (new runs)
-    python examples/train_tiny_shapes.py --export presets/pg2_tiny_shapes
+    python examples/train_tiny_shapes.py --export keras_paligemma2/embedded_presets/pg2_tiny_shapes
 
 Two stages, as PaliGemma itself (whose SigLIP encoder is trained before the
 language model sees it): first the ViT alone learns to label every patch
@@ -51,11 +51,11 @@ from keras_paligemma2 import PaliGemma2ImageConverter  # noqa: E402
 from keras_paligemma2 import PaliGemma2Tokenizer  # noqa: E402
 from keras_paligemma2 import TrainingCheckpoint  # noqa: E402
 from keras_paligemma2 import big_vision_optimizer  # noqa: E402
-from keras_paligemma2 import shapes  # noqa: E402
-from keras_paligemma2.saving import atomic_file  # noqa: E402
-from keras_paligemma2.saving import read_state  # noqa: E402
-from keras_paligemma2.saving import write_state  # noqa: E402
-from keras_paligemma2.tokenizer import train_tiny_sentencepiece  # noqa: E402
+from keras_paligemma2.apps import shapes  # noqa: E402
+from keras_paligemma2.preprocessing.tokenizer import train_tiny_sentencepiece  # noqa: E402
+from keras_paligemma2.utils.files import atomic_file  # noqa: E402
+from keras_paligemma2.utils.tensor_files import read_state  # noqa: E402
+from keras_paligemma2.utils.tensor_files import write_state  # noqa: E402
 
 # Small everywhere but the vision encoder: telling the shapes apart is the
 # hard part; the language is a few dozen words.

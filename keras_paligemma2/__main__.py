@@ -1,5 +1,6 @@
 import sys
 
-from keras_paligemma2.cli import main
+from keras_paligemma2.apps.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,12 +4,12 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-from keras_paligemma2.attention import IMPLEMENTATIONS
-from keras_paligemma2.attention import apply_rope
-from keras_paligemma2.attention import attention_implementation
-from keras_paligemma2.attention import choose_implementation
-from keras_paligemma2.attention import dot_product_attention
-from keras_paligemma2.attention import make_attention_mask
+from keras_paligemma2.layers.attention import IMPLEMENTATIONS
+from keras_paligemma2.layers.attention import apply_rope
+from keras_paligemma2.layers.attention import attention_implementation
+from keras_paligemma2.layers.attention import choose_implementation
+from keras_paligemma2.layers.attention import dot_product_attention
+from keras_paligemma2.layers.attention import make_attention_mask
 
 rng = None  # Reseeded from each test's id (conftest).
 
@@ -94,7 +94,7 @@ def test_unknown_implementation_is_refused():
 def test_pallas_kernel_over_many_tiles_and_its_gradients(soft_cap):
     import jax
 
-    from keras_paligemma2.flash_attention import flash_attention
+    from keras_paligemma2.layers.flash_attention import flash_attention
 
     # Lengths that fill no tile exactly; two rows of different prefix
     # lengths and padding, so every tile sees a different mask.

@@ -7,7 +7,7 @@ import pytest
 
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
-from keras_paligemma2 import presets
+from keras_paligemma2.checkpoints import presets
 
 rng = None  # Reseeded from each test's id (conftest).
 

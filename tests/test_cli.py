@@ -10,9 +10,9 @@ import PIL.Image
 import pytest
 
 from keras_paligemma2 import PaliGemma2CausalLM
-from keras_paligemma2 import evaluation
-from keras_paligemma2.checkpoints.common import read_npz_lazily
-from keras_paligemma2.cli import main
+from keras_paligemma2.apps import evaluation
+from keras_paligemma2.apps.cli import main
+from keras_paligemma2.utils.tensor_files import read_npz_lazily
 
 
 def test_convert_writes_a_preset_that_loads_bit_exactly(fixtures_dir, tmp_path, capsys):
@@ -65,7 +65,7 @@ PRESET = "pg2_tiny_shapes"
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory):
     """A JSONL data set of 8 drawn scenes in big_vision's colab format."""
-    from keras_paligemma2 import shapes
+    from keras_paligemma2.apps import shapes
 
     root = tmp_path_factory.mktemp("cli")
     examples = shapes.training_examples(8, seed=3, task_weights={"detect": 0})

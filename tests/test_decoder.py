@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import numpy_reference as ref
 
-from keras_paligemma2.decoder import DecoderBlock
-from keras_paligemma2.decoder import GatedMLP
-from keras_paligemma2.decoder import RMSNorm
-from keras_paligemma2.decoder import TokenEmbedding
+from keras_paligemma2.layers.gemma import DecoderBlock
+from keras_paligemma2.layers.gemma import GatedMLP
+from keras_paligemma2.layers.gemma import RMSNorm
+from keras_paligemma2.layers.gemma import TokenEmbedding
 
 rng = None  # Reseeded from each test's id (conftest).
 

@@ -204,7 +204,7 @@ def test_fit_on_raw_examples_runs_sharded():
     from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
     from keras_paligemma2 import PaliGemma2ImageConverter
     from keras_paligemma2 import PaliGemma2Tokenizer
-    from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+    from keras_paligemma2.preprocessing.tokenizer import train_tiny_sentencepiece
 
     tokenizer = PaliGemma2Tokenizer(
         train_tiny_sentencepiece(["caption en", "a red circle", "a blue square"])

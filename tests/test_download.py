@@ -14,12 +14,12 @@ from huggingface_hub import errors as hub_errors
 
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
-from keras_paligemma2 import download
-from keras_paligemma2 import presets
 from keras_paligemma2.checkpoints import big_vision
+from keras_paligemma2.checkpoints import download
 from keras_paligemma2.checkpoints import hf
-from keras_paligemma2.checkpoints.common import read_npz_lazily
-from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+from keras_paligemma2.checkpoints import presets
+from keras_paligemma2.preprocessing.tokenizer import train_tiny_sentencepiece
+from keras_paligemma2.utils.tensor_files import read_npz_lazily
 
 STEM = "paligemma2-tiny-pt-42"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from keras_paligemma2 import MaskDecoder
-from keras_paligemma2 import evaluation
+from keras_paligemma2.apps import evaluation
 
 
 def test_levenshtein_classic_examples():

@@ -8,9 +8,9 @@ from keras_paligemma2 import PaliGemma2CausalLM
 from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
 from keras_paligemma2 import PaliGemma2ImageConverter
 from keras_paligemma2 import PaliGemma2Tokenizer
-from keras_paligemma2.attention import attention_implementation
-from keras_paligemma2.generation import right_align
-from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+from keras_paligemma2.layers.attention import attention_implementation
+from keras_paligemma2.models.generation import right_align
+from keras_paligemma2.preprocessing.tokenizer import train_tiny_sentencepiece
 
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
@@ -243,7 +243,7 @@ def test_sampler_restrictions_on_known_logits():
     import jax
     import jax.numpy as jnp
 
-    from keras_paligemma2.generation import Sampler
+    from keras_paligemma2.models.generation import Sampler
 
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 2000)
@@ -262,7 +262,7 @@ def test_top_k_and_top_p_sample_at_temperature_one_unless_given():
     import jax
     import jax.numpy as jnp
 
-    from keras_paligemma2.generation import Sampler
+    from keras_paligemma2.models.generation import Sampler
 
     # keras-hub's TopKSampler / TopPSampler and big_vision's samplers sample
     # at temperature 1 when none is given; they never decode greedily.
@@ -281,14 +281,14 @@ def test_top_k_and_top_p_sample_at_temperature_one_unless_given():
 
 @pytest.mark.parametrize("restriction", [dict(top_k=4), dict(top_p=0.9)])
 def test_restricted_sampling_at_temperature_zero_is_refused(restriction):
-    from keras_paligemma2.generation import Sampler
+    from keras_paligemma2.models.generation import Sampler
 
     with pytest.raises(ValueError, match="temperature=0 decodes greedily"):
         Sampler(0.0, **restriction)
 
 
 def test_top_k_must_be_a_positive_integer():
-    from keras_paligemma2.generation import Sampler
+    from keras_paligemma2.models.generation import Sampler
 
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="top_k"):

@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 
 from keras_paligemma2 import PaliGemma2ImageConverter
-from keras_paligemma2.image_converter import value_range
+from keras_paligemma2.preprocessing.image_converter import value_range
 
 # The four photographs and the two files derived from them whose big_vision
 # output equals their source's (16-bit: value >> 8; RGBA: alpha dropped).

@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles, function-level imports included."""
+"""The package's import graph: imports point down the layers (ARCHITECTURE.md)
+and never in a cycle, function-level imports included."""
 
 import ast
 import pathlib
@@ -27,7 +28,11 @@ def _root_names(modules):
             and node.module
             and node.module.startswith("keras_paligemma2")
         ):
-            names.update({alias.asname or alias.name: node.module for alias in node.names})
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                names[alias.asname or alias.name] = (
+                    submodule if submodule in modules else node.module
+                )
     return names
 
 
@@ -94,17 +99,93 @@ def test_no_import_cycles_even_through_function_level_imports():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# The layers, lowest first: a module may import its own subpackage's modules
+# and those of the layers below it, never one above.
+LAYERS = (
+    "utils",
+    "layers",
+    "preprocessing",
+    "checkpoints",
+    "training",
+    "models",
+    "distribution",
+    "apps",
+)
+# The package root and `python -m keras_paligemma2` sit above every layer.
+TOP = ("keras_paligemma2", "keras_paligemma2.__main__")
+
+
+def _layer(module):
+    if module in TOP:
+        return len(LAYERS)
+    return LAYERS.index(module.split(".")[1])
+
+
+def _upward(edges):
+    """[(module, imported)] for every import of a higher layer (the root included)."""
+    return sorted(
+        (module, target)
+        for module, targets in edges.items()
+        for target in targets
+        if _layer(target) > _layer(module) or (target in TOP and module not in TOP)
+    )
+
+
+def test_every_module_lies_in_a_layer():
+    for module in _modules():
+        assert module in TOP or module.split(".")[1] in LAYERS, module
+
+
+def test_imports_only_point_down_the_layers():
+    assert _upward(_imports(_modules())) == []
+
+
+def test_the_checker_sees_an_upward_import():
+    edges = {
+        "keras_paligemma2.layers.gemma": {"keras_paligemma2.models.backbone"},
+        "keras_paligemma2.models.backbone": {"keras_paligemma2.layers.gemma"},
+        "keras_paligemma2.apps.cli": {"keras_paligemma2"},
+    }
+    assert _upward(edges) == [
+        ("keras_paligemma2.apps.cli", "keras_paligemma2"),
+        ("keras_paligemma2.layers.gemma", "keras_paligemma2.models.backbone"),
+    ]
+
+
 @pytest.mark.parametrize(
     "leaf",
     [
-        "keras_paligemma2.exact_attention",
-        "keras_paligemma2.layouts",
-        "keras_paligemma2.presets",
-        "keras_paligemma2.jsonl",
+        "keras_paligemma2.layers.exact_attention",
+        "keras_paligemma2.models.layouts",
+        "keras_paligemma2.checkpoints.presets",
+        "keras_paligemma2.utils.files",
+        "keras_paligemma2.utils.jsonl",
+        "keras_paligemma2.utils.keras_internals",
     ],
 )
 def test_leaf_modules_import_nothing_of_the_package(leaf):
     assert _imports(_modules())[leaf] == set()
+
+
+def test_keras_internals_are_touched_in_one_module():
+    """Private Keras / keras-hub names (`keras.src`, `keras_hub.src`, private
+    attributes of variables and models) appear only in utils.keras_internals."""
+    private = (
+        "keras.src",
+        "keras_hub.src",
+        "._initialize",
+        "__func__",
+        "._initial_epoch",
+        "._value",
+    )
+    offenders = [
+        f"{name}: {word}"
+        for name, path in _modules().items()
+        if name != "keras_paligemma2.utils.keras_internals"
+        for word in private
+        if word in path.read_text()
+    ]
+    assert offenders == []
 
 
 def test_the_checker_sees_a_cycle_through_a_function_level_import(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
 from keras_paligemma2 import distribution as dist
-from keras_paligemma2.training import ResponseCrossEntropy
+from keras_paligemma2.training.losses import ResponseCrossEntropy
 
 CONFIG = dict(
     image_size=56,

@@ -6,7 +6,7 @@ import pytest
 from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
 from keras_paligemma2 import PaliGemma2ImageConverter
 from keras_paligemma2 import PaliGemma2Tokenizer
-from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+from keras_paligemma2.preprocessing.tokenizer import train_tiny_sentencepiece
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
-from keras_paligemma2 import presets
+from keras_paligemma2.checkpoints import presets
 
 
 def test_unknown_name_lists_close_matches():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from keras_paligemma2.saving import atomic_directory
+from keras_paligemma2.utils.files import atomic_directory
 
 
 def test_failure_keeps_the_old_directory_and_cleans_up(tmp_path):
@@ -30,7 +30,7 @@ def test_success_replaces_the_directory(tmp_path):
 def test_written_files_and_directories_get_the_usual_permissions(tmp_path):
     import os
 
-    from keras_paligemma2.saving import atomic_file
+    from keras_paligemma2.utils.files import atomic_file
 
     old = os.umask(0o022)
     try:

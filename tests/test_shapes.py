@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from keras_paligemma2 import shapes
-from keras_paligemma2.task_outputs import parse_detections
+from keras_paligemma2.apps import shapes
+from keras_paligemma2.models.task_outputs import parse_detections
 
 
 def test_scenes_follow_the_specification():

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from keras_paligemma2 import CheckpointError
 from keras_paligemma2 import MaskDecoder
 from keras_paligemma2 import parse_detections
-from keras_paligemma2.task_outputs import format_detections
-from keras_paligemma2.task_outputs import paste_mask
+from keras_paligemma2.models.task_outputs import format_detections
+from keras_paligemma2.models.task_outputs import paste_mask
 
 
 def test_mask_decoder_reproduces_big_vision(fixtures_dir):
@@ -101,7 +101,7 @@ def text_lm():
     from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
     from keras_paligemma2 import PaliGemma2ImageConverter
     from keras_paligemma2 import PaliGemma2Tokenizer
-    from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+    from keras_paligemma2.preprocessing.tokenizer import train_tiny_sentencepiece
 
     tokenizer = PaliGemma2Tokenizer(
         train_tiny_sentencepiece(["detect cat", "segment cat", "caption en"])
@@ -164,7 +164,7 @@ def test_task_calls_send_big_vision_prompts_and_scale_boxes(
         > 0
     )
     np.testing.assert_array_equal(segmented["mask"], expected)
-    from keras_paligemma2.task_outputs import draw
+    from keras_paligemma2.apps.drawing import draw
 
     picture = draw(image, [segmented], tmp_path / "out.png")
     assert picture.size == (200, 100) and (tmp_path / "out.png").exists()

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from keras_paligemma2 import PaliGemma2CausalLM
-from keras_paligemma2 import shapes
-from keras_paligemma2.presets import embedded_preset_dir
+from keras_paligemma2.apps import shapes
+from keras_paligemma2.checkpoints.presets import embedded_preset_dir
 
 # The minimums the shipped weights must reach on 300 held-out scenes (issue 5).
 MINIMUMS = {

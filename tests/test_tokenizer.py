@@ -7,7 +7,7 @@ import pytest
 import sentencepiece
 
 from keras_paligemma2 import PaliGemma2Tokenizer
-from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+from keras_paligemma2.preprocessing.tokenizer import train_tiny_sentencepiece
 
 TEXTS = [
     "caption en",

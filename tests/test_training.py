@@ -11,12 +11,12 @@ from keras_paligemma2 import PaliGemma2CausalLM
 from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
 from keras_paligemma2 import PaliGemma2ImageConverter
 from keras_paligemma2 import PaliGemma2Tokenizer
-from keras_paligemma2.checkpoints.common import CheckpointError
-from keras_paligemma2.tokenizer import train_tiny_sentencepiece
-from keras_paligemma2.training import ResponseCrossEntropy
-from keras_paligemma2.training import TrainingCheckpoint
-from keras_paligemma2.training import big_vision_optimizer
-from keras_paligemma2.training import big_vision_schedule
+from keras_paligemma2.preprocessing.tokenizer import train_tiny_sentencepiece
+from keras_paligemma2.training.callbacks import TrainingCheckpoint
+from keras_paligemma2.training.losses import ResponseCrossEntropy
+from keras_paligemma2.training.optimizers import big_vision_optimizer
+from keras_paligemma2.training.optimizers import big_vision_schedule
+from keras_paligemma2.utils.tensor_files import CheckpointError
 
 WORDS = [
     "red",
@@ -347,7 +347,7 @@ def test_big_vision_schedule_equals_big_vision(fixtures_dir):
     got = [float(schedule(c)) for c in range(11)]
     np.testing.assert_allclose(got, reference["wd_default/schedule_count0to10"], atol=1e-7)
     # big_vision's warmup rounding: half to even, at least one step.
-    from keras_paligemma2.training import big_vision_warmup_steps
+    from keras_paligemma2.training.optimizers import big_vision_warmup_steps
 
     assert [big_vision_warmup_steps(10, f) for f in (0.0, 0.05, 0.15, 0.25)] == [0, 1, 2, 2]
 
@@ -522,7 +522,7 @@ def test_bad_training_input_is_explained(tokenizer_proto):
         lm.fit({"images": data["images"], "prompts": data["prompts"]}, batch_size=2, verbose=0)
     with pytest.raises(ValueError, match="labels come from"):
         lm.fit(data, np.zeros(4), batch_size=2, verbose=0)
-    from keras_paligemma2.training import preprocessed_dataset
+    from keras_paligemma2.training.data import preprocessed_dataset
 
     garbage = {"images": [b"not an image"], "prompts": [b"caption en"], "responses": [b"red"]}
     with pytest.raises(ValueError, match="neither an existing file path nor a decodable image"):

@@ -3,7 +3,7 @@
 import numpy as np
 import numpy_reference as ref
 
-from keras_paligemma2.vision_encoder import VisionEncoder
+from keras_paligemma2.layers.siglip import VisionEncoder
 
 rng = None  # Reseeded from each test's id (conftest).
 

@@ -10,10 +10,10 @@ import re
 
 import numpy as np
 
-from keras_paligemma2 import presets
-from keras_paligemma2.checkpoints.common import CheckpointError
-from keras_paligemma2.checkpoints.common import Rule
-from keras_paligemma2.checkpoints.common import layer_slice
+from keras_paligemma2.checkpoints import presets
+from keras_paligemma2.checkpoints.assignment import Rule
+from keras_paligemma2.checkpoints.assignment import layer_slice
+from keras_paligemma2.utils.tensor_files import CheckpointError
 
 VIT = "img/Transformer/encoderblock/"
 LLM = "llm/layers/"

@@ -15,9 +15,9 @@ import glob
 import json
 import os
 
-from keras_paligemma2.checkpoints.common import CheckpointError
-from keras_paligemma2.checkpoints.common import Rule
-from keras_paligemma2.checkpoints.common import read_safetensors_lazily
+from keras_paligemma2.checkpoints.assignment import Rule
+from keras_paligemma2.utils.tensor_files import CheckpointError
+from keras_paligemma2.utils.tensor_files import read_safetensors_lazily
 
 # Longest spellings first: the first matching prefix wins.
 PREFIXES = (

@@ -16,10 +16,11 @@ import collections
 
 import numpy as np
 
-from keras_paligemma2 import presets
-from keras_paligemma2.checkpoints.common import CheckpointError
-from keras_paligemma2.checkpoints.common import LazyTensor
-from keras_paligemma2.checkpoints.common import Rule
+from keras_paligemma2.checkpoints import presets
+from keras_paligemma2.checkpoints.assignment import Rule
+from keras_paligemma2.utils.keras_internals import release_value
+from keras_paligemma2.utils.tensor_files import CheckpointError
+from keras_paligemma2.utils.tensor_files import LazyTensor
 
 VIT = "image_encoder/"
 
@@ -121,7 +122,7 @@ def read_tensors(keras_hub_backbone, table=None):
         if table is not None:
             uses[variable.path] -= 1
             if uses[variable.path] <= 0:
-                variable._value = None
+                release_value(variable)
         return value
 
     return {

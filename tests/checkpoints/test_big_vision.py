@@ -10,8 +10,8 @@ from keras_paligemma2 import CheckpointError
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
 from keras_paligemma2.checkpoints import big_vision
-from keras_paligemma2.checkpoints.common import LazyTensor
-from keras_paligemma2.checkpoints.common import read_npz_lazily
+from keras_paligemma2.utils.tensor_files import LazyTensor
+from keras_paligemma2.utils.tensor_files import read_npz_lazily
 
 
 @pytest.fixture

@@ -121,7 +121,7 @@ def test_task_preset_keeps_bfloat16(tiny_config, tmp_path):
 
 
 def test_keras_hub_task_preset_brings_its_tokenizer_and_squashes_images(tmp_path):
-    from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+    from keras_paligemma2.preprocessing.tokenizer import train_tiny_sentencepiece
 
     tokenizer = keras_hub.models.PaliGemmaTokenizer(
         proto=train_tiny_sentencepiece(["caption en", "a cat"])
@@ -145,7 +145,7 @@ def test_our_task_preset_round_trips_its_preprocessor(tiny_config, tmp_path):
     from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
     from keras_paligemma2 import PaliGemma2ImageConverter
     from keras_paligemma2 import PaliGemma2Tokenizer
-    from keras_paligemma2.tokenizer import train_tiny_sentencepiece
+    from keras_paligemma2.preprocessing.tokenizer import train_tiny_sentencepiece
 
     preprocessor = PaliGemma2CausalLMPreprocessor(
         PaliGemma2Tokenizer(train_tiny_sentencepiece(["caption en", "a cat"])),

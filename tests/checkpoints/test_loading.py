@@ -98,26 +98,26 @@ def _direct_io_supported(directory):
 
 def _count_direct_reads(monkeypatch):
     """Lets `_FileReader._read_direct` run, noting each call in the list returned."""
-    from keras_paligemma2.checkpoints import common
+    from keras_paligemma2.checkpoints import assignment
 
     calls = []
-    real = common._FileReader._read_direct
+    real = assignment._FileReader._read_direct
     monkeypatch.setattr(
-        common._FileReader, "_read_direct", lambda self, *a: calls.append(a) or real(self, *a)
+        assignment._FileReader, "_read_direct", lambda self, *a: calls.append(a) or real(self, *a)
     )
     return calls
 
 
 def test_direct_reads_give_the_file_bytes_at_any_offset(tmp_path, monkeypatch):
-    from keras_paligemma2.checkpoints import common
+    from keras_paligemma2.checkpoints import assignment
 
     if not _direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
-    monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1024)
+    monkeypatch.setattr(assignment, "_DIRECT_MIN_BYTES", 1024)
     data = np.random.default_rng(0).integers(0, 256, 3 * 65536 + 123, dtype=np.uint8)
     path = tmp_path / "blob"
     path.write_bytes(data.tobytes())
-    reader = common._FileReader()
+    reader = assignment._FileReader()
     try:
         assert reader.reads_directly(str(path), 4096)
         assert not reader.reads_directly(str(path), 1000)  # small: through the cache
@@ -142,11 +142,11 @@ def test_refused_direct_reads_fall_back_to_the_page_cache(tmp_path, monkeypatch)
     import errno
     import os
 
-    from keras_paligemma2.checkpoints import common
+    from keras_paligemma2.checkpoints import assignment
 
     if not _direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
-    monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1024)
+    monkeypatch.setattr(assignment, "_DIRECT_MIN_BYTES", 1024)
     data = np.arange(20000, dtype=np.uint8)
     path = tmp_path / "blob"
     path.write_bytes(data.tobytes())
@@ -158,8 +158,8 @@ def test_refused_direct_reads_fall_back_to_the_page_cache(tmp_path, monkeypatch)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_preadv(descriptor, buffers, offset)
 
-    monkeypatch.setattr(common.os, "preadv", preadv)
-    reader = common._FileReader()
+    monkeypatch.setattr(assignment.os, "preadv", preadv)
+    reader = assignment._FileReader()
     try:
         direct.add(reader._direct_descriptor(str(path)))
         got = reader.read_array(str(path), 7, np.uint8, (9000,))
@@ -172,13 +172,13 @@ def test_refused_direct_reads_fall_back_to_the_page_cache(tmp_path, monkeypatch)
 def test_direct_and_cached_reads_load_the_same_model(bv_f32, monkeypatch, tmp_path):
     import shutil
 
-    from keras_paligemma2.checkpoints import common
+    from keras_paligemma2.checkpoints import assignment
 
     local = tmp_path / bv_f32.name  # the fixture's file system may refuse O_DIRECT
     shutil.copy(bv_f32, local)
-    monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1 << 62)
+    monkeypatch.setattr(assignment, "_DIRECT_MIN_BYTES", 1 << 62)
     cached = PaliGemma2Backbone.from_preset(local)
-    monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1)
+    monkeypatch.setattr(assignment, "_DIRECT_MIN_BYTES", 1)
     calls = _count_direct_reads(monkeypatch)
     direct = PaliGemma2Backbone.from_preset(local)
     if _direct_io_supported(tmp_path):
@@ -191,12 +191,12 @@ def test_direct_and_cached_reads_load_the_same_model(bv_f32, monkeypatch, tmp_pa
 def test_direct_reads_under_a_distribution_place_the_same_values(bv_f32, monkeypatch, tmp_path):
     import shutil
 
-    from keras_paligemma2.checkpoints import common
+    from keras_paligemma2.checkpoints import assignment
 
     local = tmp_path / bv_f32.name
     shutil.copy(bv_f32, local)
     plain = PaliGemma2Backbone.from_preset(local)
-    monkeypatch.setattr(common, "_DIRECT_MIN_BYTES", 1)
+    monkeypatch.setattr(assignment, "_DIRECT_MIN_BYTES", 1)
     calls = _count_direct_reads(monkeypatch)
     mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
     layout_map = keras.distribution.LayoutMap(mesh)

@@ -1,0 +1,77 @@
+"""Downloads from the Hugging Face Hub, with errors that say what to do.
+
+`huggingface_hub` does the work: its cache (files are written to a temporary
+`.incomplete` name and renamed when complete, so an interrupted download
+leaves no corrupt cache entry and resumes on the next call), `HF_TOKEN` or
+the stored login, and offline mode (`HF_HUB_OFFLINE=1`). This module never
+reads, prints or stores a token.
+"""
+
+import huggingface_hub
+from huggingface_hub import errors as hub_errors
+
+from keras_paligemma2.utils.tensor_files import CheckpointError
+
+
+class DownloadError(CheckpointError):
+    """A file that could not be had from the Hub, and what to do about it."""
+
+
+def _licence_hint(repo_id):
+    return (
+        f"PaliGemma 2 is gated: accept the Gemma licence on "
+        f"https://huggingface.co/{repo_id} with your Hugging Face account, "
+        "then log in on this machine (`hf auth login`, or `huggingface-cli "
+        "login`) or set the HF_TOKEN environment variable."
+    )
+
+
+def _explain(error, repo_id, what, command):
+    # Most specific first: GatedRepoError is a RepositoryNotFoundError, and
+    # LocalEntryNotFoundError an EntryNotFoundError.
+    if isinstance(error, hub_errors.GatedRepoError):
+        return DownloadError(
+            f"Access to {repo_id} was refused while fetching {what}. " + _licence_hint(repo_id)
+        )
+    if isinstance(error, hub_errors.RepositoryNotFoundError):
+        return DownloadError(
+            f"{repo_id} was not found, or is not visible to you, while "
+            f"fetching {what}. If it exists it is gated: " + _licence_hint(repo_id)
+        )
+    if isinstance(error, hub_errors.RevisionNotFoundError):
+        return DownloadError(f"{repo_id} has no such revision ({what}).")
+    if isinstance(error, hub_errors.LocalEntryNotFoundError):
+        return DownloadError(
+            f"Could not download {what} from {repo_id}: there is no network "
+            "(or HF_HUB_OFFLINE=1 is set) and it is not in the Hugging Face "
+            f"cache. On a machine with access, run `{command}` and copy the "
+            "cache (~/.cache/huggingface/hub), or pass a local path instead "
+            "of the preset name."
+        )
+    if isinstance(error, hub_errors.EntryNotFoundError):
+        return DownloadError(f"{repo_id} has no file {what}.")
+    return DownloadError(
+        f"Downloading {what} from {repo_id} failed ({type(error).__name__}: "
+        f"{error}). Run the same call again: completed files are cached and "
+        "an interrupted one resumes."
+    )
+
+
+def download_file(repo_id, filename, revision=None):
+    """One file of a Hub repository, from the cache or downloaded; its path."""
+    try:
+        return huggingface_hub.hf_hub_download(
+            repo_id=repo_id, filename=filename, revision=revision
+        )
+    except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, OSError) as error:
+        raise _explain(error, repo_id, filename, f"hf download {repo_id} {filename}") from error
+
+
+def download_repository(repo_id, allow_patterns, revision=None):
+    """The files of a Hub repository matching `allow_patterns`; its directory."""
+    try:
+        return huggingface_hub.snapshot_download(
+            repo_id=repo_id, allow_patterns=list(allow_patterns), revision=revision
+        )
+    except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, OSError) as error:
+        raise _explain(error, repo_id, "the repository files", f"hf download {repo_id}") from error

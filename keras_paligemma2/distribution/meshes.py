@@ -1,0 +1,49 @@
+"""Layouts for a config or preset over a device mesh, and the meshes a device count allows."""
+
+import keras
+
+from keras_paligemma2.checkpoints.presets import preset_config
+from keras_paligemma2.models.backbone import PaliGemma2Backbone
+from keras_paligemma2.models.layouts import layout_map_for
+
+
+def resolve_config(config):
+    """A config dict, from a dict or a registered or shipped preset name, or a preset directory."""
+    if isinstance(config, str):
+        return preset_config(config)
+    return dict(config)
+
+
+def model_weights(config):
+    """[(path, shape)] of every weight of a backbone with `config` (a dict or
+    a preset name), found without allocating anything."""
+    return PaliGemma2Backbone.weight_shapes(resolve_config(config))
+
+
+def layout_map(device_mesh, config, model_axis="model", data_axis="batch", fsdp=False):
+    """A `keras.distribution.LayoutMap` with an exact entry for every weight
+    of the backbone `config` describes (see `keras_paligemma2.models.layouts.variable_layout`)."""
+    return layout_map_for(device_mesh, model_weights(config), model_axis, data_axis, fsdp)
+
+
+def model_parallel(config, mesh_shape, devices=None, fsdp=False):
+    """A `keras.distribution.ModelParallel` over a ("batch", "model") mesh of
+    `mesh_shape`, with `layout_map` for `config`. Set it with
+    `keras.distribution.set_distribution(...)` before building or loading."""
+    mesh = keras.distribution.DeviceMesh(
+        tuple(mesh_shape), ("batch", "model"), devices=devices or keras.distribution.list_devices()
+    )
+    config = resolve_config(config)
+    return keras.distribution.ModelParallel(
+        layout_map=layout_map(mesh, config, fsdp=fsdp), batch_dim_name="batch"
+    )
+
+
+def meshes(count, batch_size):
+    """(data, model) shapes using `count` devices, most data-parallel first;
+    the data axis must divide the batch."""
+    return [
+        (count // model, model)
+        for model in range(1, count + 1)
+        if count % model == 0 and batch_size % (count // model) == 0
+    ]

@@ -1,0 +1,3 @@
+"""Model layers: attention (dispatch, the exact reference, the flash kernel,
+RoPE and masks), Gemma 2 decoder blocks, the SigLIP vision encoder and
+big_vision's VQ-VAE mask decoder."""

@@ -1,0 +1,186 @@
+"""SigLIP image encoder (big_vision `models/vit.py` with `pool_type="none"`).
+
+Patch convolution (with bias) -> learned position embedding (no class token)
+-> pre-LayerNorm transformer blocks (attention with biases, GELU-tanh MLP)
+-> final `encoder_norm`. Output: one token per patch, (B, P, W) with P the
+number of patches and W the ViT width. Kernel layouts equal big_vision's
+flax parameters: q/k/v (W,N,H) with bias (N,H), out (N,H,W).
+"""
+
+import keras
+from keras import ops
+
+from keras_paligemma2.layers.attention import dot_product_attention
+
+
+class VisionAttention(keras.layers.Layer):
+    """Bidirectional multi-head self-attention with biases, scale 1/sqrt(H)."""
+
+    def __init__(self, num_heads, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"ViT width {width} is not divisible by {self.num_heads} heads.")
+        n, h = self.num_heads, width // self.num_heads
+        self.head_dim = h
+        common = dict(bias_axes="nh", dtype=self.dtype_policy)
+        self.query = keras.layers.EinsumDense("btw,wnh->btnh", (None, n, h), name="query", **common)
+        self.key = keras.layers.EinsumDense("btw,wnh->btnh", (None, n, h), name="key", **common)
+        self.value = keras.layers.EinsumDense("btw,wnh->btnh", (None, n, h), name="value", **common)
+        self.output_projection = keras.layers.EinsumDense(
+            "btnh,nhw->btw",
+            (None, width),
+            bias_axes="w",
+            name="output",
+            dtype=self.dtype_policy,
+        )
+        for layer in (self.query, self.key, self.value):
+            layer.build(input_shape)
+        self.output_projection.build((None, None, n, h))
+        self.built = True
+
+    def call(self, x):
+        query = self.query(x)
+        query = query * ops.cast(self.head_dim**-0.5, query.dtype)
+        encoded = dot_product_attention(query, self.key(x), self.value(x))
+        return self.output_projection(encoded)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_heads=self.num_heads)
+        return config
+
+
+class VisionBlock(keras.layers.Layer):
+    """`x += attention(norm(x))`, then `x += mlp(norm(x))`."""
+
+    def __init__(self, num_heads, intermediate_dim, layer_norm_epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.layer_norm_epsilon = layer_norm_epsilon
+        # Set by `PaliGemma2Backbone.set_remat`; a training choice, not config.
+        self.remat = False
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        common = dict(dtype=self.dtype_policy)
+        norm = dict(epsilon=self.layer_norm_epsilon, **common)
+        self.attention_norm = keras.layers.LayerNormalization(name="attention_norm", **norm)
+        self.attention = VisionAttention(self.num_heads, name="attention", **common)
+        self.mlp_norm = keras.layers.LayerNormalization(name="mlp_norm", **norm)
+        self.mlp_in = keras.layers.Dense(self.intermediate_dim, name="mlp_in", **common)
+        self.mlp_out = keras.layers.Dense(width, name="mlp_out", **common)
+        for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp_in):
+            layer.build(input_shape)
+        self.mlp_out.build(tuple(input_shape[:-1]) + (self.intermediate_dim,))
+        self.built = True
+
+    def call(self, x):
+        if self.remat:
+            return keras.remat(self._forward)(x)
+        return self._forward(x)
+
+    def _forward(self, x):
+        x = x + self.attention(self.attention_norm(x))
+        hidden = keras.activations.gelu(self.mlp_in(self.mlp_norm(x)), approximate=True)
+        return x + self.mlp_out(hidden)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            intermediate_dim=self.intermediate_dim,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config
+
+
+class VisionEncoder(keras.layers.Layer):
+    """SigLIP ViT: images (B, S, S, 3) in [-1, 1] -> patch tokens (B, P, W)."""
+
+    def __init__(
+        self,
+        image_size,
+        patch_size,
+        hidden_dim,
+        num_layers,
+        num_heads,
+        intermediate_dim,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of patch_size {patch_size}."
+            )
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.hidden_dim = hidden_dim
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.num_patches = (image_size // patch_size) ** 2
+
+    def build(self, input_shape=None):
+        common = dict(dtype=self.dtype_policy)
+        self.patch_embedding = keras.layers.Conv2D(
+            self.hidden_dim,
+            self.patch_size,
+            strides=self.patch_size,
+            padding="valid",
+            name="patch_embedding",
+            **common,
+        )
+        self.patch_embedding.build((None, self.image_size, self.image_size, 3))
+        self.position_embedding = self.add_weight(
+            shape=(self.num_patches, self.hidden_dim),
+            initializer=keras.initializers.RandomNormal(stddev=self.hidden_dim**-0.5),
+            name="position_embedding",
+        )
+        token_shape = (None, self.num_patches, self.hidden_dim)
+        self.blocks = []
+        for i in range(self.num_layers):
+            block = VisionBlock(
+                self.num_heads,
+                self.intermediate_dim,
+                self.layer_norm_epsilon,
+                name=f"block_{i}",
+                **common,
+            )
+            block.build(token_shape)
+            self.blocks.append(block)
+        self.encoder_norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, name="encoder_norm", **common
+        )
+        self.encoder_norm.build(token_shape)
+        self.built = True
+
+    def call(self, images):
+        patches = self.patch_embedding(images)
+        x = ops.reshape(patches, (-1, self.num_patches, self.hidden_dim))
+        x = x + ops.cast(self.position_embedding, x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.encoder_norm(x)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_patches, self.hidden_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            hidden_dim=self.hidden_dim,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            intermediate_dim=self.intermediate_dim,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config

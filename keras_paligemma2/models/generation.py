@@ -1,0 +1,383 @@
+"""Decoding with a KV cache: prefill the real prompt, then extend one token at a time.
+
+As big_vision (`gemma_bv.prefill_cache`), prompts are right-aligned first, so
+that every row writes its next token into the same cache slot; each row keeps
+its own positions, and padding slots are masked out, so a ragged batch decodes
+exactly as each example alone. The image + prompt attend to each other fully
+(prefix-LM); generated tokens are causal. The whole loop is one jitted
+function of the model's variables, compiled once per (batch, prompt bucket,
+new tokens) shape.
+
+Cache: per layer, (B, 2, S, K, H) with S = image tokens + prompt bucket +
+new tokens; [:, 0] keys, [:, 1] values.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from keras_paligemma2.layers.attention import make_attention_mask
+
+PROMPT_BUCKET = 16
+
+
+def right_align(token_ids, padding_mask, bucket=PROMPT_BUCKET):
+    """Moves each row's real tokens to the end, padding the length to a bucket."""
+    token_ids = np.asarray(token_ids)
+    padding_mask = np.asarray(padding_mask).astype(bool)
+    batch, length = token_ids.shape
+    lengths = padding_mask.sum(1)
+    if (lengths == 0).any():
+        raise ValueError("Every prompt needs at least one token (<bos>).")
+    for row in range(batch):
+        if not padding_mask[row, : lengths[row]].all():
+            raise ValueError(
+                f"Row {row} of padding_mask is not left-aligned (ones then "
+                "zeros); prompts must start at position 0."
+            )
+    width = -(-int(lengths.max()) // bucket) * bucket
+    aligned = np.zeros((batch, width), np.int32)
+    valid = np.zeros((batch, width), np.int32)
+    for row in range(batch):
+        n = lengths[row]
+        aligned[row, width - n :] = token_ids[row, :n]
+        valid[row, width - n :] = 1
+    return aligned, valid
+
+
+class Sampler:
+    """How the next token is chosen from the logits.
+
+    Args:
+        temperature: float or None. Logits are divided by it before
+            sampling; 0 picks the most likely token (greedy). None (the
+            default) means greedy without `top_k` / `top_p` and 1.0 with
+            either, as keras-hub's `TopKSampler` / `TopPSampler` and
+            big_vision's samplers sample at temperature 1 unless told.
+        top_k: int or None; sample among the k most likely tokens only.
+        top_p: float in (0, 1] or None; sample from the smallest set of
+            most likely tokens whose probability reaches p (nucleus).
+        seed: int, for reproducible sampling.
+
+    `top_k` / `top_p` with `temperature=0` cannot mean anything (greedy
+    decoding has nothing to restrict) and are refused rather than ignored.
+    """
+
+    def __init__(self, temperature=None, top_k=None, top_p=None, seed=0):
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}.")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {top_p}.")
+        restricted = top_k is not None or top_p is not None
+        if temperature is None:
+            temperature = 1.0 if restricted else 0.0
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0; got {temperature}.")
+        if temperature == 0 and restricted:
+            raise ValueError(
+                "top_k / top_p restrict sampling, but temperature=0 decodes "
+                "greedily, so they would be ignored. Give a temperature > 0 "
+                "(or leave it unset for 1.0), or drop top_k / top_p."
+            )
+        self.temperature = float(temperature)
+        self.top_k = None if top_k is None else int(top_k)
+        self.top_p = top_p
+        self.seed = int(seed)
+
+    @property
+    def greedy(self):
+        return self.temperature == 0.0
+
+    def key(self):
+        return (self.temperature, self.top_k, self.top_p)
+
+    def __call__(self, logits, rng):
+        if self.greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits.astype(jnp.float32) / self.temperature
+        if self.top_k is not None:
+            kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        if self.top_p is not None:
+            ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+            cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
+            # Keep tokens until the cumulative probability reaches top_p
+            # (the token that crosses it included).
+            cutoff_index = jnp.sum(cumulative < self.top_p, axis=-1, keepdims=True)
+            cutoff = jnp.take_along_axis(ordered, cutoff_index, axis=-1)
+            logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+class DecodeLoop:
+    """KV-cache decoding for a `PaliGemma2CausalLM` (one per model)."""
+
+    def __init__(self, causal_lm):
+        self.lm = causal_lm
+        self.backbone = causal_lm.backbone
+        self._compiled = {}
+
+    def __call__(
+        self,
+        images,
+        token_ids,
+        padding_mask,
+        max_new_tokens,
+        stop_token_ids,
+        sampler=None,
+        step_logits=False,
+    ):
+        """Returns (new tokens (B, max_new_tokens), logits).
+
+        Tokens after a row's stop token are the pad id 0. The logits are the
+        first step's (B, V), or with `step_logits=True` those every step
+        chose from (B, max_new_tokens, V), final soft-cap as configured
+        (0 for steps after every row stopped).
+        """
+        sampler = sampler or Sampler()
+        aligned, valid = right_align(token_ids, padding_mask)
+        stop = np.asarray(sorted(set(stop_token_ids)) or [-1], np.int32)
+        key = (aligned.shape, int(max_new_tokens), tuple(stop), sampler.key(), bool(step_logits))
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(
+                functools.partial(
+                    self._generate,
+                    max_new_tokens=int(max_new_tokens),
+                    sampler=sampler,
+                    step_logits=bool(step_logits),
+                )
+            )
+        values = [v.value for v in self.backbone.variables]
+        rng = jax.random.key(sampler.seed)
+        return self._compiled[key](values, jnp.asarray(images), aligned, valid, stop, rng)
+
+    def _generate(
+        self, values, images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits
+    ):
+        backbone = self.backbone
+        with keras.StatelessScope(state_mapping=list(zip(backbone.variables, values))):
+            return self._decode(
+                images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits
+            )
+
+    def _prefill(self, images, token_ids, valid, max_new_tokens):
+        """Image + prompt as one bidirectional block into a fresh cache.
+
+        Returns the last position's logits (B, V) and the decoding state
+        (caches, cache_valid, cache_positions, lengths).
+        """
+        backbone = self.backbone
+        batch, prompt_len = token_ids.shape
+        num_image = backbone.num_image_tokens
+        prefill_len = num_image + prompt_len
+        cache_len = prefill_len + max_new_tokens
+        window = backbone.sliding_window_size
+        image_tokens = backbone.embed_images(images)
+        text_tokens = backbone.token_embedding(token_ids)
+        x = jnp.concatenate([image_tokens.astype(text_tokens.dtype), text_tokens], 1)
+        cache_valid = jnp.zeros((batch, cache_len), jnp.int32)
+        cache_valid = cache_valid.at[:, :num_image].set(1)
+        cache_valid = cache_valid.at[:, num_image:prefill_len].set(valid)
+        cache_positions = jnp.cumsum(cache_valid, axis=1) - 1
+        cache_blocks = jnp.zeros((batch, cache_len), jnp.int32)
+        positions = cache_positions[:, :prefill_len]
+        # Keys: the prefill's own tokens only; the rest of the cache is empty.
+        masks = {
+            local: make_attention_mask(
+                cache_valid[:, :prefill_len],
+                cache_blocks[:, :prefill_len],
+                query_positions=positions,
+                key_positions=positions,
+                sliding_window=window if local else None,
+            )
+            for local in self._layer_kinds()
+        }
+        caches = []
+        last = backbone.num_layers - 1
+        for i, block in enumerate(backbone.decoder_blocks):
+            empty = jnp.zeros(self._cache_shape(batch, cache_len), x.dtype)
+            # Only the last prompt position's output is needed from the final
+            # block (the first token's logits): it skips the other positions'
+            # attention and MLP there, and still caches their keys/values.
+            x, cache = block(
+                x,
+                positions,
+                masks[backbone.is_local_layer(i, window)],
+                kv_cache=empty,
+                cache_index=0,
+                last_only=i == last,
+            )
+            caches.append(cache)
+        logits = self.lm.text_logits(backbone.final_norm(x[:, -1:]))[:, 0]
+        lengths = jnp.sum(valid, axis=1) + num_image
+        return logits, (caches, cache_valid, cache_positions, lengths)
+
+    def _extend(self, token, index, state, prefill_len, soft_cap=True):
+        """Feeds `token` (B,), the generated token number `index`; returns
+        the next logits (B, V) and the updated state. Each generated token is
+        its own causal block (mask_ar = 1)."""
+        backbone = self.backbone
+        window = backbone.sliding_window_size
+        caches, cache_valid, cache_positions, lengths = state
+        batch, cache_len = cache_valid.shape
+        slot = prefill_len + index
+        position = (lengths + index)[:, None]
+        cache_valid = cache_valid.at[:, slot].set(1)
+        cache_positions = cache_positions.at[:, slot].set(position[:, 0])
+        slots = jnp.arange(cache_len)[None, :]
+        cache_blocks = jnp.where(slots >= prefill_len, slots - prefill_len + 1, 0)
+        masks = {
+            local: make_attention_mask(
+                cache_valid,
+                cache_blocks,
+                query_valid=jnp.ones((batch, 1), jnp.int32),
+                query_blocks=jnp.full((batch, 1), index + 1, jnp.int32),
+                query_positions=position,
+                key_positions=cache_positions,
+                sliding_window=window if local else None,
+            )
+            for local in self._layer_kinds()
+        }
+        x = backbone.token_embedding(token[:, None])
+        new_caches = []
+        for i, block in enumerate(backbone.decoder_blocks):
+            x, cache = block(
+                x,
+                position,
+                masks[backbone.is_local_layer(i, window)],
+                kv_cache=caches[i],
+                cache_index=slot,
+            )
+            new_caches.append(cache)
+        logits = self.lm.text_logits(backbone.final_norm(x), decode_step=True, soft_cap=soft_cap)[
+            :, 0
+        ]
+        return logits, (new_caches, cache_valid, cache_positions, lengths)
+
+    def _layer_kinds(self):
+        b = self.backbone
+        return {b.is_local_layer(i, b.sliding_window_size) for i in range(b.num_layers)}
+
+    def _decode(self, images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits):
+        batch, prompt_len = token_ids.shape
+        prefill_len = self.backbone.num_image_tokens + prompt_len
+        first_logits, state = self._prefill(images, token_ids, valid, max_new_tokens)
+        rng, pick = jax.random.split(rng)
+        token = sampler(first_logits, pick)
+        # Greedy steps skip the final soft-cap (the argmax is the same),
+        # unless the logits themselves are returned.
+        soft_cap = step_logits or not sampler.greedy
+        if step_logits:
+            recorded = jnp.zeros((batch, max_new_tokens, first_logits.shape[-1]), jnp.float32)
+            recorded = recorded.at[:, 0].set(first_logits)
+        else:
+            recorded = first_logits
+
+        # `token` was just chosen and stored at `index`; a step feeds it,
+        # chooses the next and stores it at index + 1: n tokens, n - 1 steps.
+        def step(carry):
+            index, token, done, state, output, recorded, rng = carry
+            logits, state = self._extend(token, index, state, prefill_len, soft_cap=soft_cap)
+            rng, pick = jax.random.split(rng)
+            next_token = sampler(logits, pick)
+            output = output.at[:, index + 1].set(jnp.where(done, 0, next_token))
+            if step_logits:
+                recorded = recorded.at[:, index + 1].set(logits.astype(jnp.float32))
+            done = done | jnp.isin(next_token, stop)
+            return index + 1, next_token, done, state, output, recorded, rng
+
+        def keep_going(carry):
+            index, _, done, *_ = carry
+            return (index + 1 < max_new_tokens) & ~jnp.all(done)
+
+        output = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
+        carry = (jnp.int32(0), token, jnp.isin(token, stop), state, output, recorded, rng)
+        carry = jax.lax.while_loop(keep_going, step, carry)
+        return carry[4], carry[5]
+
+    def beam_search(self, images, token_ids, padding_mask, max_new_tokens, beam_size, eos):
+        """big_vision's beam search (`predict_fns._beam_decode`), one compiled loop.
+
+        Scores are summed log-probabilities, without length normalisation.
+        Each step, every live beam may end with `eos` (a finished candidate,
+        its score including log p(eos)); the best finished one per example is
+        kept; live beams grow by their best non-`eos` tokens and the best
+        `beam_size` survive. Stops when no live beam can beat the best
+        finished one (scores only fall) or after `max_new_tokens`.
+
+        Returns (B, max_new_tokens) tokens of the best finished sequence,
+        `eos` included, padded with 0.
+        """
+        aligned, valid = right_align(token_ids, padding_mask)
+        key = ("beam", aligned.shape, int(max_new_tokens), int(beam_size), int(eos))
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(
+                functools.partial(
+                    self._beam,
+                    max_new_tokens=int(max_new_tokens),
+                    beam_size=int(beam_size),
+                    eos=int(eos),
+                )
+            )
+        values = [v.value for v in self.backbone.variables]
+        return self._compiled[key](values, jnp.asarray(images), aligned, valid)
+
+    def _beam(self, values, images, token_ids, valid, max_new_tokens, beam_size, eos):
+        backbone = self.backbone
+        with keras.StatelessScope(state_mapping=list(zip(backbone.variables, values))):
+            batch, prompt_len = token_ids.shape
+            n = beam_size
+            prefill_len = backbone.num_image_tokens + prompt_len
+            logits, state = self._prefill(images, token_ids, valid, max_new_tokens)
+            # Beams as rows (B * N): the cache of each example repeated N times.
+            state = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), state)
+            logits = jnp.repeat(logits, n, axis=0)
+            neg = jnp.finfo(jnp.float32).min
+            live_scores = jnp.full((batch, n), neg).at[:, 0].set(0.0)  # One live beam at first.
+            live_tokens = jnp.zeros((batch, n, max_new_tokens), jnp.int32)
+            best_tokens = jnp.zeros((batch, max_new_tokens), jnp.int32)
+            best_score = jnp.full((batch,), neg)
+
+            def step(carry):
+                index, logits, state, live_scores, live_tokens, best_tokens, best_score = carry
+                logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+                logp = logp.reshape(batch, n, -1)
+                # Ending now: each live beam followed by eos.
+                ended = live_scores + logp[:, :, eos]
+                pick = jnp.argmax(ended, axis=1)
+                candidate = jnp.take_along_axis(ended, pick[:, None], 1)[:, 0]
+                ended_tokens = jnp.take_along_axis(live_tokens, pick[:, None, None], 1)[:, 0]
+                ended_tokens = ended_tokens.at[:, index].set(eos)
+                better = candidate > best_score
+                best_score = jnp.where(better, candidate, best_score)
+                best_tokens = jnp.where(better[:, None], ended_tokens, best_tokens)
+                # Growing: the best non-eos continuations of every live beam.
+                grown = jnp.where(
+                    jnp.arange(logp.shape[-1]) == eos, neg, live_scores[..., None] + logp
+                )
+                grown = jnp.where(live_scores[..., None] <= neg, neg, grown)
+                top_scores, top_index = jax.lax.top_k(grown.reshape(batch, -1), n)
+                parent = top_index // logp.shape[-1]
+                token = (top_index % logp.shape[-1]).astype(jnp.int32)
+                live_tokens = jnp.take_along_axis(live_tokens, parent[..., None], 1)
+                live_tokens = live_tokens.at[:, :, index].set(token)
+                rows = (parent + jnp.arange(batch)[:, None] * n).reshape(-1)
+                state = jax.tree.map(lambda x: x[rows], state)
+                logits, state = self._extend(token.reshape(-1), index, state, prefill_len)
+                return index + 1, logits, state, top_scores, live_tokens, best_tokens, best_score
+
+            def keep_going(carry):
+                index, _, _, live_scores, _, _, best_score = carry
+                can_improve = jnp.max(live_scores, axis=1) > best_score
+                return (index < max_new_tokens) & jnp.any(can_improve)
+
+            carry = (jnp.int32(0), logits, state, live_scores, live_tokens, best_tokens, best_score)
+            carry = jax.lax.while_loop(keep_going, step, carry)
+            return carry[5]
+
+    def _cache_shape(self, batch, cache_len):
+        b = self.backbone
+        return (batch, 2, cache_len, b.num_key_value_heads, b.head_dim)

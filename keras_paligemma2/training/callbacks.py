@@ -1,0 +1,103 @@
+"""Callbacks `fit` uses: resumable checkpoints, non-finite loss, epoch order."""
+
+import json
+import math
+import os
+
+import keras
+
+from keras_paligemma2.utils.files import atomic_file
+from keras_paligemma2.utils.keras_internals import set_initial_epoch
+from keras_paligemma2.utils.tensor_files import read_state
+from keras_paligemma2.utils.tensor_files import write_state
+
+
+class TrainingCheckpoint(keras.callbacks.Callback):
+    """Saves the training state at each epoch end; resumes `fit` from it.
+
+    The state (every model variable, LoRA ones included, and the optimizer's)
+    is written by variable path to a temporary file and renamed over the
+    previous one, so an interrupted save leaves the last good checkpoint in
+    place; an epoch whose loss is not finite is never saved. When `fit`
+    starts and a checkpoint exists, the state is restored and training goes
+    on from the next epoch; with `RawBatches` (whose batches depend only on
+    the epoch number) the finished run has the same weights as an
+    uninterrupted one. Use `steps_per_epoch` to checkpoint more often.
+    """
+
+    def __init__(self, directory):
+        super().__init__()
+        self.directory = os.fspath(directory)
+        self.state_path = os.path.join(self.directory, "state.safetensors")
+        self.progress_path = os.path.join(self.directory, "progress.json")
+
+    def _variables(self):
+        """{key: variable}; optimizer variables under "optimizer/", without
+        the optimizer's own name (which Keras numbers per instance)."""
+        model = self.model
+        named = {v.path: v for v in model.variables}
+        optimizer = model.optimizer
+        if optimizer is not None:
+            if not optimizer.built:
+                optimizer.build(model.trainable_variables)
+            for v in optimizer.variables:
+                named["optimizer/" + v.path.split("/", 1)[-1]] = v
+        return named
+
+    def completed_epochs(self):
+        """Epochs the saved state has finished (0 without a checkpoint)."""
+        if not os.path.exists(self.progress_path):
+            return 0
+        with open(self.progress_path) as f:
+            return int(json.load(f)["epoch"])
+
+    def on_train_begin(self, logs=None):
+        epoch = self.completed_epochs()
+        if not epoch:
+            return
+        read_state(self.state_path, self._variables())
+        set_initial_epoch(self.model, epoch)
+        print(f"Resumed from {self.directory} after epoch {epoch}.")
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        write_state(self.state_path, self._variables())
+        with atomic_file(self.progress_path, "w") as f:
+            json.dump({"epoch": epoch + 1}, f)
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops `fit` with an error naming the epoch and step where the loss
+    stopped being finite (no checkpoint is written for that epoch)."""
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise FloatingPointError(
+                f"The training loss became {float(loss)} at epoch {self._epoch + 1}, "
+                f"step {batch + 1}. Training stopped; checkpoints of earlier "
+                "epochs are kept. Lower the learning rate, keep gradient "
+                "clipping on, or train in float32 / mixed_bfloat16 rather than "
+                "pure bfloat16 or float16."
+            )
+
+
+class EpochOrder(keras.callbacks.Callback):
+    """Tells a `RawBatches` which epoch is starting (its shuffle order)."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.epoch = epoch

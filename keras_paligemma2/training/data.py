@@ -1,0 +1,185 @@
+"""Raw examples to preprocessed batches for `fit`, in a resumable order."""
+
+import inspect
+import io
+import math
+import os
+
+import keras
+import numpy as np
+import PIL.Image
+
+from keras_paligemma2.preprocessing.preprocessor import PaliGemma2CausalLMPreprocessor
+
+
+class RawBatches(keras.utils.PyDataset):
+    """Raw examples, batched and preprocessed on the fly.
+
+    `examples`: a dict with `images` (array or list, one per example),
+    `prompts` and `responses` (lists of strings). Each epoch visits the
+    examples in an order drawn from `seed` and the epoch number alone (set
+    by the `EpochOrder` callback that `fit` adds), so batch `i` of epoch `e`
+    is the same in every run, a resumed one included. The last incomplete
+    batch is dropped when shuffling. Batches are made in order, in the
+    training thread (`workers=1`), so none is made before its epoch is set.
+    """
+
+    def __init__(self, preprocessor, examples, batch_size=32, shuffle=True, seed=0):
+        super().__init__()
+        if not isinstance(examples, dict):
+            raise ValueError(f"Pass a dict of examples; got {type(examples).__name__}.")
+        missing = [k for k in ("images", "prompts", "responses") if k not in examples]
+        if missing:
+            raise ValueError(
+                f"Training examples lack {missing}; pass images, prompts and responses."
+            )
+        lengths = {k: len(examples[k]) for k in ("images", "prompts", "responses")}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(
+                f"images, prompts and responses must have one entry per example; got {lengths}."
+            )
+        self.preprocessor = preprocessor
+        self.examples = examples
+        self.count = lengths["prompts"]
+        if self.count == 0:
+            raise ValueError("No training examples given.")
+        self.batch_size = int(batch_size or 32)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self):
+        if self.shuffle:
+            return max(self.count // self.batch_size, 1)
+        return math.ceil(self.count / self.batch_size)
+
+    def order(self, epoch):
+        """The example order of `epoch` (computed once per epoch)."""
+        if getattr(self, "_order", (None,))[0] != epoch:
+            rows = np.arange(self.count)
+            if self.shuffle:
+                rows = np.random.default_rng([self.seed, epoch]).permutation(self.count)
+            self._order = (epoch, rows)
+        return self._order[1]
+
+    def __getitem__(self, index):
+        rows = self.order(self.epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        batch = {k: _take(self.examples[k], rows) for k in ("images", "prompts", "responses")}
+        try:
+            return _preprocess(self.preprocessor, batch)
+        except ValueError as error:
+            # The preprocessor counts within the batch; name the examples.
+            raise ValueError(
+                f"Batch {index} (examples {rows.tolist()} of the data set): {error}"
+            ) from error
+
+
+def preprocessed_dataset(data, preprocessor, image_rank=4):
+    """A `tf.data.Dataset` or generator of raw batches, preprocessed.
+
+    Batches that are already `(x, y, sample_weight)` pass through. In a
+    `tf.data` pipeline the preprocessor (NumPy and SentencePiece) runs as a
+    `tf.numpy_function`; strings arrive as bytes and are decoded as UTF-8.
+    """
+    if inspect.isgenerator(data):
+        return (_preprocess_raw(preprocessor, batch) for batch in data)
+    import tensorflow as tf
+
+    spec = data.element_spec
+    if not (isinstance(spec, dict) and "prompts" in spec):
+        return data
+    if preprocessor is None:
+        raise ValueError("Raw examples need a preprocessor; this model has none.")
+    keys = ("images", "prompts", "responses")
+    missing = [k for k in keys if k not in spec]
+    if missing:
+        raise ValueError(
+            f"The dataset's elements lack {missing}; give images, prompts and responses."
+        )
+
+    def run(*values):
+        x, y, weights = _preprocess_raw(preprocessor, dict(zip(keys, values)))
+        return (
+            x["images"].astype(np.float32),
+            x["token_ids"].astype(np.int32),
+            x["padding_mask"].astype(np.int32),
+            x["response_mask"].astype(np.int32),
+            np.asarray(y, np.int32),
+            np.asarray(weights, np.float32),
+        )
+
+    def mapped(batch):
+        out = tf.numpy_function(
+            run,
+            [batch[k] for k in keys],
+            [tf.float32, tf.int32, tf.int32, tf.int32, tf.int32, tf.float32],
+        )
+        images, token_ids, padding_mask, response_mask, labels, weights = out
+        images.set_shape([None] * image_rank)
+        for tensor in (token_ids, padding_mask, response_mask, labels, weights):
+            tensor.set_shape([None, None])
+        x = {
+            "images": images,
+            "token_ids": token_ids,
+            "padding_mask": padding_mask,
+            "response_mask": response_mask,
+        }
+        return x, labels, weights
+
+    return data.map(mapped, num_parallel_calls=1).prefetch(2)
+
+
+def _preprocess_raw(preprocessor, batch):
+    if not (isinstance(batch, dict) and "prompts" in batch):
+        return batch
+    if preprocessor is None:
+        raise ValueError("Raw examples need a preprocessor; this model has none.")
+    batch = dict(batch)
+    for key in ("prompts", "responses"):
+        if key in batch:
+            batch[key] = _strings(batch[key])
+    images = batch.get("images")
+    if isinstance(images, np.ndarray) and images.dtype == object:
+        batch["images"] = [_image(i) for i in images]
+    elif isinstance(images, (list, tuple)):
+        batch["images"] = [_image(i) for i in images]
+    return _preprocess(preprocessor, batch)
+
+
+def _preprocess(preprocessor, batch):
+    """Our preprocessor runs NumPy code: call it without Keras' layer
+    wrapper, whose errors repeat every argument (whole images) around ours."""
+
+    if isinstance(preprocessor, PaliGemma2CausalLMPreprocessor):
+        return preprocessor.call(batch)
+    return preprocessor(batch)
+
+
+def _strings(values):
+    if isinstance(values, (str, bytes)):
+        values = [values]
+    return [
+        v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(values).tolist()
+    ]
+
+
+def _image(value):
+    """A path (str or bytes) or encoded image bytes, as the converter takes them."""
+    if isinstance(value, bytes):
+        if os.path.exists(value.decode("utf-8", "ignore")):
+            return value.decode("utf-8")
+
+        try:
+            return PIL.Image.open(io.BytesIO(value))
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"An image given as {len(value)} bytes is neither an existing file "
+                f"path nor a decodable image ({error})."
+            ) from error
+    return value
+
+
+def _take(values, rows):
+    if isinstance(values, np.ndarray):
+        return values[rows]
+    return [values[i] for i in rows]

@@ -1,0 +1,140 @@
+"""Losses and metrics on response tokens (big_vision's trainer semantics)."""
+
+import keras
+from keras import ops
+
+LOSS_NORMALIZATIONS = ("per_example", "per_token")
+
+
+def _check_normalization(normalization):
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(
+            f"normalization must be one of {LOSS_NORMALIZATIONS}; got {normalization!r}."
+        )
+
+
+def reduce_over_responses(values, weights, normalization):
+    """Per-token `values` (B, T) weighted by `weights` (B, T) to one number.
+
+    "per_example" (big_vision's `trainers/proj/paligemma/train.py`): each
+    example's weighted sum divided by its own weight (at least 1), then the
+    mean over the batch, so an example without supervised tokens adds 0 and
+    still counts in the mean. "per_token": one weighted mean over every
+    token of the batch (long responses weigh more).
+    """
+    weighted = values * weights
+    if normalization == "per_token":
+        return ops.sum(weighted) / ops.maximum(ops.sum(weights), 1e-9)
+    per_example = ops.sum(weighted, axis=-1) / ops.maximum(ops.sum(weights, axis=-1), 1.0)
+    return ops.mean(per_example)
+
+
+@keras.saving.register_keras_serializable(package="keras_paligemma2")
+class ResponseCrossEntropy(keras.losses.Loss):
+    """Next-token cross-entropy from logits on the response + `<eos>` labels.
+
+    Called with labels (B, T), logits (B, T, V) and sample weights (B, T),
+    1 on response + `<eos>` labels and 0 on the prompt, the separator and
+    padding (as the preprocessor makes them). Logits are taken in float32.
+
+    Args:
+        label_smoothing: float in [0, 1): big_vision's smoothing, target
+            `1 - label_smoothing` on the right token and
+            `label_smoothing / (V - 1)` on each other one.
+        normalization: "per_example" (default, big_vision's training loss:
+            each example's mean over its own supervised tokens, then the
+            batch mean) or "per_token" (the batch's supervised tokens pooled
+            into one mean).
+        name: str, the loss name.
+    """
+
+    def __init__(
+        self,
+        label_smoothing=0.0,
+        normalization="per_example",
+        name="response_cross_entropy",
+        **kwargs,
+    ):
+        kwargs.pop("reduction", None)  # The normalization decides.
+        super().__init__(name=name, **kwargs)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}.")
+        _check_normalization(normalization)
+        self.label_smoothing = label_smoothing
+        self.normalization = normalization
+
+    def call(self, y_true, y_pred):
+        """Per-token losses (B, T), before weighting."""
+        logits = ops.cast(y_pred, "float32")
+        log_normaliser = ops.logsumexp(logits, axis=-1)
+        labels = ops.expand_dims(ops.cast(y_true, "int32"), -1)
+        picked = ops.squeeze(ops.take_along_axis(logits, labels, axis=-1), -1) - log_normaliser
+        if not self.label_smoothing:
+            return -picked
+        off = self.label_smoothing / (logits.shape[-1] - 1)
+        every = ops.sum(logits, axis=-1) - logits.shape[-1] * log_normaliser
+        return -((1.0 - self.label_smoothing) * picked + off * (every - picked))
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        losses = self.call(y_true, y_pred)
+        if sample_weight is None:
+            weights = ops.ones_like(losses)
+        else:
+            weights = ops.cast(sample_weight, "float32")
+        return reduce_over_responses(losses, weights, self.normalization)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("reduction", None)
+        config.update(label_smoothing=self.label_smoothing, normalization=self.normalization)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_paligemma2")
+class ResponseAccuracy(keras.metrics.Metric):
+    """Next-token accuracy on the response + `<eos>` labels, normalised as
+    the loss: "per_example" averages each example's accuracy over examples
+    (those without supervised tokens count 0, as in the loss), "per_token"
+    pools every supervised token. Pass it in `weighted_metrics` (it reads
+    the sample weights as the response mask).
+
+    Args:
+        normalization: "per_example" or "per_token", as
+            `ResponseCrossEntropy`.
+        name: str, the metric name.
+    """
+
+    def __init__(self, normalization="per_example", name="accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        _check_normalization(normalization)
+        self.normalization = normalization
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        correct = ops.cast(
+            ops.equal(ops.argmax(y_pred, axis=-1), ops.cast(y_true, "int32")), "float32"
+        )
+        if sample_weight is None:
+            weights = ops.ones_like(correct)
+        else:
+            weights = ops.cast(sample_weight, "float32")
+        if self.normalization == "per_token":
+            total, count = ops.sum(correct * weights), ops.sum(weights)
+        else:
+            per_example = ops.sum(correct * weights, -1) / ops.maximum(ops.sum(weights, -1), 1.0)
+            total, count = ops.sum(per_example), ops.cast(ops.shape(per_example)[0], "float32")
+        self.total.assign_add(ops.cast(total, self.dtype))
+        self.count.assign_add(ops.cast(count, self.dtype))
+
+    def result(self):
+        return self.total / ops.maximum(self.count, 1e-9)
+
+    def reset_state(self):
+        self.total.assign(0.0)
+        self.count.assign(0.0)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(normalization=self.normalization)
+        return config

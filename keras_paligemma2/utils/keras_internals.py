@@ -1,0 +1,156 @@
+"""Every use of Keras' and keras-hub's private internals, in one place.
+
+When Keras or keras-hub changes, this is the module to check: nothing else
+in the package reaches past their public API. Each function says what it
+relies on and why the public API does not do it.
+"""
+
+import keras_hub
+from keras.src.backend.common import global_state
+from keras_hub.src.utils import preset_utils
+
+
+def forget_pending_initialization(model_variables):
+    """Drops these variables from Keras' list of variables to initialize.
+
+    `StatelessScope(initialize_variables=False)` leaves them on that list
+    (Keras' global attribute `uninitialized_variables`); a later scope exit
+    would otherwise run their random initializers.
+
+    Args:
+        model_variables: list of `keras.Variable`, built in such a scope.
+    """
+    pending = global_state.get_global_attribute("uninitialized_variables")
+    if pending:
+        ours = {id(v) for v in model_variables}
+        global_state.set_global_attribute(
+            "uninitialized_variables", [v for v in pending if id(v) not in ours]
+        )
+
+
+def initialize_variable(variable, value):
+    """Gives a variable built without a value its first value.
+
+    Keras' first-value path (`Variable._initialize`) places the value by the
+    variable's layout, straight into its shards under a distribution;
+    `assign` would need a value to exist first.
+
+    Args:
+        variable: `keras.Variable` built under
+            `StatelessScope(initialize_variables=False)`.
+        value: array of the variable's shape and dtype.
+    """
+    variable._initialize(value)
+
+
+def initialize_layout(variable):
+    """Resolves a valueless variable's layout from the current distribution
+    (`Variable._initialize_layout`), as Keras does before a first value, so
+    that a later `assign` places each value into its shards.
+
+    Args:
+        variable: `keras.Variable` built without a value.
+    """
+    variable._initialize_layout()
+
+
+def has_value(variable):
+    """Whether a variable built without a value has been given one
+    (`Variable._value`).
+
+    Args:
+        variable: `keras.Variable`.
+    """
+    return variable._value is not None
+
+
+def keras_hub_backbone_from_preset(cls, preset, **kwargs):
+    """keras-hub's own `Backbone.from_preset` run for `cls`, bypassing the
+    `from_preset` that `cls` defines (the bound method's `__func__`): our
+    backbone's `from_preset` dispatches over formats and calls this for
+    Keras preset directories.
+
+    Args:
+        cls: the backbone class to build.
+        preset: str, a Keras preset directory or handle.
+        **kwargs: keras-hub's `from_preset` arguments (`load_weights`, config
+            overrides).
+    """
+    return keras_hub.models.Backbone.from_preset.__func__(cls, preset, **kwargs)
+
+
+def read_preset_config(preset, config_file="config.json"):
+    """A Keras preset's JSON file as a dict (keras-hub's
+    `preset_utils.load_json`), without building its model.
+
+    Args:
+        preset: str, a Keras preset directory or handle.
+        config_file: str, the file's name in the preset.
+    """
+    return preset_utils.load_json(preset, config_file)
+
+
+def preset_file_exists(preset, name):
+    """Whether a Keras preset holds a file (`preset_utils.check_file_exists`).
+
+    Args:
+        preset: str, a Keras preset directory or handle.
+        name: str, a file name inside it.
+    """
+    return preset_utils.check_file_exists(preset, name)
+
+
+def preset_file(preset, name):
+    """Local path of a file of a Keras preset, downloading it if needed
+    (`preset_utils.get_file`).
+
+    Args:
+        preset: str, a Keras preset directory or handle.
+        name: str, a file name inside it.
+    """
+    return preset_utils.get_file(preset, name)
+
+
+def load_preset_weights(model, preset):
+    """Assigns a Keras preset's weights file to `model`, one tensor at a time
+    (keras-hub's preset loader's `_load_backbone_weights`, which handles
+    sharded weight files).
+
+    Args:
+        model: the backbone the preset describes.
+        preset: str, a Keras preset directory or handle.
+    """
+    preset_utils.get_preset_loader(preset)._load_backbone_weights(model)
+
+
+def load_preset_preprocessor(preset, cls):
+    """The preprocessor a Keras preset saved, as `cls` (keras-hub's preset
+    loader).
+
+    Args:
+        preset: str, a Keras preset directory or handle.
+        cls: the preprocessor class.
+    """
+    return preset_utils.get_preset_loader(preset).load_preprocessor(cls)
+
+
+def set_initial_epoch(model, epoch):
+    """Makes the running `fit` continue after `epoch` (`Model._initial_epoch`,
+    which `fit` reads at its start; Keras' own `BackupAndRestore` sets it too).
+
+    Args:
+        model: the `keras.Model` being fitted.
+        epoch: int, the number of epochs already done.
+    """
+    model._initial_epoch = epoch
+
+
+def release_value(variable):
+    """Drops a variable's value (`Variable._value = None`) so that its memory
+    is freed while the model it belongs to is a temporary being converted;
+    Keras has no public way to empty a variable.
+
+    Args:
+        variable: `keras.Variable` that will not be used again.
+    """
+    variable._value = None
