@@ -37,7 +37,12 @@ _implementation = "xla"
 
 
 def set_attention_implementation(name):
-    """Chooses how `dot_product_attention` computes: "xla", "pallas" or "auto"."""
+    """Chooses how `dot_product_attention` computes: "xla", "pallas" or "auto".
+
+    Args:
+        name: str, one of `IMPLEMENTATIONS` ("xla", the default, "pallas" or "auto"); anything
+            else is a ValueError. Process-wide; read when a function is traced.
+    """
     global _implementation
     if name not in IMPLEMENTATIONS:
         raise ValueError(
@@ -56,6 +61,10 @@ def attention_implementation(name):
 
     The choice is read when a function is traced: re-trace (a new model call,
     or `jax.jit` of a new function) inside the block for it to apply.
+
+    Args:
+        name: str, one of `IMPLEMENTATIONS` ("xla", "pallas" or "auto"), used inside the block;
+            the previous choice comes back on exit, also on error.
     """
     previous = _implementation
     set_attention_implementation(name)
@@ -68,7 +77,18 @@ def attention_implementation(name):
 def choose_implementation(name, has_mask, soft_cap, platform):
     """The computation `dot_product_attention` runs: "xla", "pallas" or
     "jax_nn" (`jax.nn.dot_product_attention`, only ever without mask and
-    without soft-cap)."""
+    without soft-cap).
+
+    Args:
+        name: str, the chosen implementation, one of `IMPLEMENTATIONS`; "xla" and "pallas" are
+            returned as they are, "auto" is resolved with the other arguments.
+        has_mask: bool, whether the attention has a mask.
+        soft_cap: float or None, the logit soft-cap; None or 0 means none.
+        platform: str, the JAX backend (`jax.default_backend()`: "cpu", "gpu", "tpu").
+
+    Returns:
+        str, "xla", "pallas" or "jax_nn".
+    """
     if name == "auto":
         return "jax_nn" if platform == "gpu" and not has_mask and not soft_cap else "xla"
     return name
@@ -111,9 +131,12 @@ def apply_rope(x, positions, max_wavelength=10_000):
     """Rotary position embedding, split-halves form (big_vision `_apply_rope`).
 
     Args:
-        x: (B, T, N, H).
-        positions: int (B, T).
-        max_wavelength: RoPE base.
+        x: (B, T, N, H) queries or keys (any number of heads N or K); H must be even.
+        positions: int (B, T), each token's position.
+        max_wavelength: int/float, the RoPE base (10,000 for Gemma 2).
+
+    Returns:
+        (B, T, N, H) in the dtype of `x` (rotated in float32).
     """
     head_dim = x.shape[-1]
     fraction = 2.0 * ops.arange(head_dim // 2, dtype="float32") / head_dim
@@ -150,9 +173,14 @@ def make_attention_mask(
     Args:
         key_valid: bool/int (B, S), 1 for real tokens.
         key_blocks: int (B, S) block numbers.
-        query_valid, query_blocks: (B, T); default to the key ones (T = S).
-        query_positions, key_positions: int (B, T) / (B, S); used only with
-            `sliding_window`; default to the token indices (T = S).
+        query_valid: bool/int (B, T), 1 for real queries; None (default) takes
+            `key_valid` and `key_blocks` for the queries (T = S).
+        query_blocks: int (B, T) block numbers of the queries; give it with `query_valid`
+            (it is replaced by `key_blocks` when `query_valid` is None).
+        query_positions: int (B, T), used only with `sliding_window`; None (default): the
+            token indices (T = S).
+        key_positions: int (B, S), used only with `sliding_window`; None (default): the token
+            indices.
         sliding_window: None, or the window length W: a query at position p
             sees keys at positions p - W + 1 .. p.
 

@@ -118,11 +118,16 @@ def flash_attention(
     """`attention.dot_product_attention` as one fused Pallas kernel.
 
     Args:
-        query: (B, T, N, H), pre-scaled; key, value: (B, S, K, H), N % K == 0.
-        mask: optional bool (B, T, S), True where query t may attend key s.
-        soft_cap: optional float, Gemma 2's attention logit soft-cap.
-        block_q, block_k: tile sizes (powers of two; clipped to the lengths).
-        interpret: run in Pallas interpret mode; default: on CPU only.
+        query: (B, T, N, H), already multiplied by the query scale.
+        key: (B, S, K, H) with N divisible by K.
+        value: (B, S, K, H).
+        mask: optional bool (B, T, S), True where query t may attend key s; None attends all.
+        soft_cap: optional float, Gemma 2's attention logit soft-cap; None or 0 for none.
+        block_q: int, queries per program (a power of two, default 64), at most T rounded up
+            to a power of two.
+        block_k: int, keys per inner step (a power of two, default 64), at most S rounded up
+            to a power of two.
+        interpret: bool or None; run in Pallas interpret mode. None (default): on CPU only.
 
     Returns:
         (B, T, N, H) in the dtype of `value`.

@@ -7,6 +7,7 @@ Projections are Keras `EinsumDense`/`Dense` layers, so Keras' `enable_lora`
 and `quantize("int8")` apply to them as they are.
 """
 
+import functools
 import math
 
 import keras
@@ -16,12 +17,18 @@ from keras_paligemma2.layers.attention import apply_rope
 from keras_paligemma2.layers.attention import dot_product_attention
 
 
+@keras.saving.register_keras_serializable(package="keras_paligemma2")
 class TokenEmbedding(keras.layers.Layer):
     """Token embedding table, tied with the output projection.
 
     `call(token_ids)` returns `E[token_ids] * sqrt(D)`, the factor rounded to
     the compute dtype as big_vision does; `call(x, reverse=True)` returns the
     logits `x @ E^T` in float32.
+
+    Args:
+        vocabulary_size: int V, rows of the table (257,152 for the released vocabulary).
+        hidden_dim: int D, the decoder width.
+        **kwargs: passed to `keras.layers.Layer` (name, dtype, ...).
     """
 
     def __init__(self, vocabulary_size, hidden_dim, **kwargs):
@@ -38,6 +45,15 @@ class TokenEmbedding(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, reverse=False):
+        """Embeds token ids, or (`reverse=True`) projects hidden states to logits.
+
+        Args:
+            inputs: int (B, T) token ids; with `reverse=True`, hidden states (B, T, D).
+            reverse: bool; False (default) embeds, True computes the tied output projection.
+
+        Returns:
+            (B, T, D) embeddings in the compute dtype, or float32 (B, T, V) logits.
+        """
         if reverse:
             table = ops.cast(self.embeddings, inputs.dtype)
             # matmul with the transposed table: XLA:CPU runs this matvec ~30%
@@ -59,8 +75,14 @@ class TokenEmbedding(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="keras_paligemma2")
 class RMSNorm(keras.layers.Layer):
-    """`x * rsqrt(mean(x^2) + eps) * (1 + scale)`, computed in float32."""
+    """`x * rsqrt(mean(x^2) + eps) * (1 + scale)`, computed in float32.
+
+    Args:
+        epsilon: float, added to the mean square (default 1e-6).
+        **kwargs: passed to `keras.layers.Layer` (name, dtype, ...).
+    """
 
     def __init__(self, epsilon=1e-6, **kwargs):
         super().__init__(**kwargs)
@@ -71,6 +93,14 @@ class RMSNorm(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
+        """Normalizes over the last axis.
+
+        Args:
+            x: (..., D), e.g. (B, T, D) hidden states.
+
+        Returns:
+            The normalized `x`, same shape and dtype.
+        """
         x32 = ops.cast(x, "float32")
         variance = ops.mean(ops.square(x32), axis=-1, keepdims=True)
         normed = x32 * ops.rsqrt(variance + self.epsilon)
@@ -86,6 +116,7 @@ class RMSNorm(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="keras_paligemma2")
 class DecoderAttention(keras.layers.Layer):
     """Gemma 2 grouped-query self-attention with RoPE and soft-capped logits.
 
@@ -102,6 +133,16 @@ class DecoderAttention(keras.layers.Layer):
     attention runs over the whole cache when the mask has S key columns, or
     over the new keys only when it has as many as `x` has positions (a
     prefill, where the rest of the cache is still empty).
+
+    Args:
+        num_query_heads: int N.
+        num_key_value_heads: int K; N must be a multiple of K (grouped-query attention).
+        head_dim: int H.
+        query_pre_attn_scalar: float; queries are multiplied by its inverse square root.
+        attention_logit_soft_cap: float or None (default); logits become
+            `cap * tanh(logits / cap)` (50 in Gemma 2).
+        rope_max_wavelength: int/float, the RoPE base (default 10,000).
+        **kwargs: passed to `keras.layers.Layer` (name, dtype, ...).
     """
 
     def __init__(
@@ -139,6 +180,23 @@ class DecoderAttention(keras.layers.Layer):
         self.built = True
 
     def call(self, x, positions, attention_mask, kv_cache=None, cache_index=None, last_only=False):
+        """Self-attention of `x`, through the cache when given one (see the class docstring).
+
+        Args:
+            x: (B, T, D) normalized hidden states.
+            positions: int (B, T), each token's RoPE position.
+            attention_mask: bool (B, T, S) (S = T without a cache; with one, S the cache
+                length, or T for a prefill); True where query t may attend key s.
+            kv_cache: None (default), or (B, 2, S, K, H) keys [:, 0] and values [:, 1].
+            cache_index: int (or scalar int array), the cache slot of `x`'s first position;
+                used only with `kv_cache`.
+            last_only: bool; True attends from the last position only (mask rows sliced to
+                match), still computing keys/values of every position.
+
+        Returns:
+            (B, T, D), or (B, 1, D) with `last_only`; with `kv_cache`, the tuple
+            (output, updated cache (B, 2, S, K, H)).
+        """
         key = apply_rope(self.key(x), positions, self.rope_max_wavelength)
         value = self.value(x)
         if last_only:
@@ -173,8 +231,14 @@ class DecoderAttention(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="keras_paligemma2")
 class GatedMLP(keras.layers.Layer):
-    """GeGLU feed-forward: `down(gelu_tanh(gate(x)) * up(x))`."""
+    """GeGLU feed-forward: `down(gelu_tanh(gate(x)) * up(x))`.
+
+    Args:
+        intermediate_dim: int F, the width of each of the gate and up projections.
+        **kwargs: passed to `keras.layers.Layer` (name, dtype, ...).
+    """
 
     def __init__(self, intermediate_dim, **kwargs):
         super().__init__(**kwargs)
@@ -192,6 +256,14 @@ class GatedMLP(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
+        """Applies the feed-forward.
+
+        Args:
+            x: (B, T, D) normalized hidden states.
+
+        Returns:
+            (B, T, D).
+        """
         hidden = keras.activations.gelu(self.gate(x), approximate=True)
         return self.down(hidden * self.up(x))
 
@@ -201,11 +273,23 @@ class GatedMLP(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="keras_paligemma2")
 class DecoderBlock(keras.layers.Layer):
     """Gemma 2 block with pre and post norms around attention and MLP.
 
     `x += post_attention_norm(attention(pre_attention_norm(x)))`
     `x += post_ffw_norm(mlp(pre_ffw_norm(x)))`
+
+    Args:
+        num_query_heads: int N.
+        num_key_value_heads: int K; N must be a multiple of K.
+        head_dim: int H.
+        intermediate_dim: int F, the width of each of the MLP's gate and up projections.
+        query_pre_attn_scalar: float; queries are multiplied by its inverse square root.
+        attention_logit_soft_cap: float or None (default), the attention logit soft-cap.
+        layer_norm_epsilon: float, the four RMSNorms' epsilon (default 1e-6).
+        rope_max_wavelength: int/float, the RoPE base (default 10,000).
+        **kwargs: passed to `keras.layers.Layer` (name, dtype, ...).
     """
 
     def __init__(
@@ -267,10 +351,26 @@ class DecoderBlock(keras.layers.Layer):
         `last_only=True` (with a cache): keys and values of every position
         go into the cache, but only the last position is attended from and
         returned, (B, 1, D): all that the final block of a prefill needs.
+
+        Args:
+            x: (B, T, D) hidden states.
+            positions: int (B, T), each token's RoPE position.
+            attention_mask: bool (B, T, S), True where query t may attend key s (S = T
+                without a cache; see `DecoderAttention`).
+            kv_cache: None (default), or this block's cache (B, 2, S, K, H).
+            cache_index: int (or scalar int array), the cache slot of `x`'s first position;
+                used only with `kv_cache`.
+            last_only: bool; True returns the last position only (see above). Ignored when
+                `remat` is on and there is no cache.
+
+        Returns:
+            (B, T, D), or (B, 1, D) with `last_only`; with `kv_cache`, the tuple
+            (output, updated cache (B, 2, S, K, H)).
         """
         if self.remat and kv_cache is None:
             # Activations are recomputed in the backward pass, not stored.
-            return keras.remat(self._forward)(x, positions, attention_mask)
+            forward = functools.partial(self._forward, last_only=last_only)
+            return keras.remat(forward)(x, positions, attention_mask)
         return self._forward(x, positions, attention_mask, kv_cache, cache_index, last_only)
 
     def _forward(

@@ -13,8 +13,14 @@ from keras import ops
 from keras_paligemma2.layers.attention import dot_product_attention
 
 
+@keras.saving.register_keras_serializable(package="keras_paligemma2")
 class VisionAttention(keras.layers.Layer):
-    """Bidirectional multi-head self-attention with biases, scale 1/sqrt(H)."""
+    """Bidirectional multi-head self-attention with biases, scale 1/sqrt(H).
+
+    Args:
+        num_heads: int N; the input width W must be a multiple of it (H = W / N).
+        **kwargs: passed to `keras.layers.Layer` (name, dtype, ...).
+    """
 
     def __init__(self, num_heads, **kwargs):
         super().__init__(**kwargs)
@@ -43,6 +49,14 @@ class VisionAttention(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
+        """Self-attention over all patches, no mask.
+
+        Args:
+            x: (B, P, W) normalized patch tokens.
+
+        Returns:
+            (B, P, W).
+        """
         query = self.query(x)
         query = query * ops.cast(self.head_dim**-0.5, query.dtype)
         encoded = dot_product_attention(query, self.key(x), self.value(x))
@@ -54,8 +68,16 @@ class VisionAttention(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="keras_paligemma2")
 class VisionBlock(keras.layers.Layer):
-    """`x += attention(norm(x))`, then `x += mlp(norm(x))`."""
+    """`x += attention(norm(x))`, then `x += mlp(norm(x))`.
+
+    Args:
+        num_heads: int N, attention heads; W must be a multiple of it.
+        intermediate_dim: int F, the MLP's hidden width (GELU-tanh).
+        layer_norm_epsilon: float, the two LayerNorms' epsilon (default 1e-6).
+        **kwargs: passed to `keras.layers.Layer` (name, dtype, ...).
+    """
 
     def __init__(self, num_heads, intermediate_dim, layer_norm_epsilon=1e-6, **kwargs):
         super().__init__(**kwargs)
@@ -70,7 +92,7 @@ class VisionBlock(keras.layers.Layer):
         common = dict(dtype=self.dtype_policy)
         norm = dict(epsilon=self.layer_norm_epsilon, **common)
         self.attention_norm = keras.layers.LayerNormalization(name="attention_norm", **norm)
-        self.attention = VisionAttention(self.num_heads, name="attention", **common)
+        self.attention = VisionAttention(num_heads=self.num_heads, name="attention", **common)
         self.mlp_norm = keras.layers.LayerNormalization(name="mlp_norm", **norm)
         self.mlp_in = keras.layers.Dense(self.intermediate_dim, name="mlp_in", **common)
         self.mlp_out = keras.layers.Dense(width, name="mlp_out", **common)
@@ -80,6 +102,14 @@ class VisionBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
+        """Applies the block (recomputing it in the backward pass when `remat` is set).
+
+        Args:
+            x: (B, P, W) patch tokens.
+
+        Returns:
+            (B, P, W).
+        """
         if self.remat:
             return keras.remat(self._forward)(x)
         return self._forward(x)
@@ -99,8 +129,20 @@ class VisionBlock(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="keras_paligemma2")
 class VisionEncoder(keras.layers.Layer):
-    """SigLIP ViT: images (B, S, S, 3) in [-1, 1] -> patch tokens (B, P, W)."""
+    """SigLIP ViT: images (B, S, S, 3) in [-1, 1] -> patch tokens (B, P, W).
+
+    Args:
+        image_size: int S, the square input side in pixels; a multiple of `patch_size`.
+        patch_size: int, the patch side (14); P = (S / patch_size) ** 2.
+        hidden_dim: int W, the ViT width (1152 for SigLIP So400m).
+        num_layers: int, the number of `VisionBlock`s (27).
+        num_heads: int N, attention heads per block (16); W must be a multiple of it.
+        intermediate_dim: int F, the MLP's hidden width (4304).
+        layer_norm_epsilon: float, every LayerNorm's epsilon (default 1e-6).
+        **kwargs: passed to `keras.layers.Layer` (name, dtype, ...).
+    """
 
     def __init__(
         self,
@@ -147,9 +189,9 @@ class VisionEncoder(keras.layers.Layer):
         self.blocks = []
         for i in range(self.num_layers):
             block = VisionBlock(
-                self.num_heads,
-                self.intermediate_dim,
-                self.layer_norm_epsilon,
+                num_heads=self.num_heads,
+                intermediate_dim=self.intermediate_dim,
+                layer_norm_epsilon=self.layer_norm_epsilon,
                 name=f"block_{i}",
                 **common,
             )
@@ -162,6 +204,14 @@ class VisionEncoder(keras.layers.Layer):
         self.built = True
 
     def call(self, images):
+        """Encodes images into patch tokens.
+
+        Args:
+            images: float (B, S, S, 3) in [-1, 1], S = `image_size`.
+
+        Returns:
+            (B, P, W) after the final `encoder_norm`.
+        """
         patches = self.patch_embedding(images)
         x = ops.reshape(patches, (-1, self.num_patches, self.hidden_dim))
         x = x + ops.cast(self.position_embedding, x.dtype)

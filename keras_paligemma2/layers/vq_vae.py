@@ -1,5 +1,7 @@
 """big_vision's VQ-VAE mask decoder: 16 `<seg>` codes to 64x64 mask logits."""
 
+import functools
+
 import keras
 import numpy as np
 
@@ -13,6 +15,13 @@ class MaskDecoder(keras.Model):
     Codebook lookup into a 4x4 grid -> 1x1 conv + ReLU -> 2 residual blocks
     (3x3, ReLU, 3x3, ReLU, 1x1, plus input) -> 4 transposed convs (4x4,
     stride 2, + ReLU; 128, 64, 32, 16 channels) -> 1x1 conv to one channel.
+
+    Args:
+        num_codes: int, codebook entries (default 128, one per `<segNNN>` token).
+        code_dim: int, the width of each code (default 512).
+        width: int, channels of the stem and residual blocks (default 128); the transposed
+            convs have width, width / 2, width / 4 and width / 8.
+        **kwargs: passed to `keras.Model` (name, dtype, ...).
 
     Example:
     ```python
@@ -31,7 +40,8 @@ class MaskDecoder(keras.Model):
         self.codebook = self.add_weight(
             shape=(num_codes, code_dim), initializer="zeros", name="codebook", trainable=False
         )
-        conv = keras.layers.Conv2D
+        # Sub-layers take the model's dtype policy (Keras does not pass it down).
+        conv = functools.partial(keras.layers.Conv2D, dtype=self.dtype_policy)
         self.stem = conv(width, 1, name="stem")
         self.residual = [
             [
@@ -43,7 +53,12 @@ class MaskDecoder(keras.Model):
         ]
         self.upsample = [
             keras.layers.Conv2DTranspose(
-                width // 2**i, 4, strides=2, padding="same", name=f"up_{i}"
+                filters=width // 2**i,
+                kernel_size=4,
+                strides=2,
+                padding="same",
+                name=f"up_{i}",
+                dtype=self.dtype_policy,
             )
             for i in range(4)
         ]
@@ -65,6 +80,15 @@ class MaskDecoder(keras.Model):
         self.built = True
 
     def call(self, codes):
+        """Decodes segmentation codes into mask logits.
+
+        Args:
+            codes: int (B, 16) codebook indices in [0, num_codes), the `<segNNN>` numbers,
+                row-major over the 4x4 grid.
+
+        Returns:
+            float (B, 64, 64) mask logits; the mask is `logits > 0`.
+        """
         codes = keras.ops.cast(codes, "int32")
         x = keras.ops.take(self.codebook, codes, axis=0)
         x = keras.ops.reshape(x, (-1, 4, 4, self.code_dim))
@@ -84,8 +108,17 @@ class MaskDecoder(keras.Model):
 
     @classmethod
     def from_checkpoint(cls, path):
-        """Loads big_vision's `vae-oid.npz` (PyTorch layouts, big_vision's names)."""
+        """Loads big_vision's `vae-oid.npz` (PyTorch layouts, big_vision's names).
 
+        Args:
+            path: str or path-like, the `.npz` file; sizes are read from its tensors.
+
+        Returns:
+            A `MaskDecoder` holding the checkpoint's weights.
+
+        Raises:
+            CheckpointError: the file is unreadable or lacks a tensor the decoder needs.
+        """
         try:
             with np.load(path, allow_pickle=False) as data:
                 weights = {k: data[k] for k in data.files}

@@ -25,7 +25,19 @@ PROMPT_BUCKET = 16
 
 
 def right_align(token_ids, padding_mask, bucket=PROMPT_BUCKET):
-    """Moves each row's real tokens to the end, padding the length to a bucket."""
+    """Moves each row's real tokens to the end, padding the length to a bucket.
+
+    Args:
+        token_ids: int array (B, T), left-aligned prompts.
+        padding_mask: int/bool array (B, T), 1 on real tokens: ones then zeros, at least one
+            per row (else a ValueError).
+        bucket: int, the output length is the longest prompt rounded up to a multiple of it
+            (default `PROMPT_BUCKET`, 16).
+
+    Returns:
+        (token_ids, valid), int32 NumPy (B, T') each, T' the bucketed length: the real tokens
+        at the end of each row, 0 (and valid 0) before them.
+    """
     token_ids = np.asarray(token_ids)
     padding_mask = np.asarray(padding_mask).astype(bool)
     batch, length = token_ids.shape
@@ -95,6 +107,15 @@ class Sampler:
         return (self.temperature, self.top_k, self.top_p)
 
     def __call__(self, logits, rng):
+        """Chooses one token per row.
+
+        Args:
+            logits: float (B, V).
+            rng: a JAX random key (unused when greedy).
+
+        Returns:
+            int32 (B,) token ids.
+        """
         if self.greedy:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         logits = logits.astype(jnp.float32) / self.temperature
@@ -113,7 +134,12 @@ class Sampler:
 
 
 class DecodeLoop:
-    """KV-cache decoding for a `PaliGemma2CausalLM` (one per model)."""
+    """KV-cache decoding for a `PaliGemma2CausalLM` (one per model).
+
+    Args:
+        causal_lm: the `PaliGemma2CausalLM` to decode with (its backbone and `text_logits`);
+            compiled loops are cached per input shape and settings.
+    """
 
     def __init__(self, causal_lm):
         self.lm = causal_lm
@@ -136,6 +162,15 @@ class DecodeLoop:
         first step's (B, V), or with `step_logits=True` those every step
         chose from (B, max_new_tokens, V), final soft-cap as configured
         (0 for steps after every row stopped).
+
+        Args:
+            images: float (B, S, S, 3) in [-1, 1] (or (B, n, S, S, 3) for n images each).
+            token_ids: int (B, T) left-aligned prompts (`<bos> prompt "\\n"`).
+            padding_mask: int/bool (B, T), 1 on real tokens.
+            max_new_tokens: int >= 1, the number of tokens generated per row.
+            stop_token_ids: iterable of int; a row stops after sampling one (may be empty).
+            sampler: a `Sampler`; None (default) decodes greedily.
+            step_logits: bool; True returns every step's logits instead of the first's.
         """
         sampler = sampler or Sampler()
         aligned, valid = right_align(token_ids, padding_mask)
@@ -307,6 +342,14 @@ class DecodeLoop:
         kept; live beams grow by their best non-`eos` tokens and the best
         `beam_size` survive. Stops when no live beam can beat the best
         finished one (scores only fall) or after `max_new_tokens`.
+
+        Args:
+            images: float (B, S, S, 3) in [-1, 1] (or (B, n, S, S, 3) for n images each).
+            token_ids: int (B, T) left-aligned prompts (`<bos> prompt "\\n"`).
+            padding_mask: int/bool (B, T), 1 on real tokens.
+            max_new_tokens: int, the most tokens per sequence, `eos` included.
+            beam_size: int, the number of live beams kept per example.
+            eos: int, the token id that ends a sequence.
 
         Returns (B, max_new_tokens) tokens of the best finished sequence,
         `eos` included, padded with 0.

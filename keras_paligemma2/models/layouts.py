@@ -54,11 +54,17 @@ def variable_layout(path, shape, axis_sizes, model_axis="model", data_axis="batc
 
     Args:
         path: the Keras variable path (`decoder_block_3/mlp/gate/kernel`).
-        shape: its shape.
-        axis_sizes: {axis name: size} of the mesh.
-        fsdp: also shard the largest remaining divisible dimension over the
+        shape: tuple of int, its shape.
+        axis_sizes: {axis name: size} of the mesh; a missing axis counts as size 1.
+        model_axis: str, the tensor-parallel mesh axis (default "model").
+        data_axis: str, the data-parallel mesh axis (default "batch"), used only with `fsdp`.
+        fsdp: bool; also shard the largest remaining divisible dimension over the
             data axis (for training: weights, gradients and optimizer state
-            split across data-parallel replicas).
+            split across data-parallel replicas), for weights of `FSDP_MIN_SIZE`
+            elements or more that `MODEL_PREFERENCES` lists (others stay replicated).
+
+    Returns:
+        tuple of str or None, one per dimension of `shape`.
     """
     layout = [None] * len(shape)
     model_size = axis_sizes.get(model_axis, 1)
@@ -81,7 +87,11 @@ def variable_layout(path, shape, axis_sizes, model_axis="model", data_axis="batc
 
 
 def element_count(shape):
-    """The number of elements of an array of `shape`."""
+    """The number of elements of an array of `shape`.
+
+    Args:
+        shape: iterable of int (1 for `()`).
+    """
     total = 1
     for s in shape:
         total *= int(s)
@@ -90,7 +100,19 @@ def element_count(shape):
 
 def layout_map_for(device_mesh, weights, model_axis="model", data_axis="batch", fsdp=False):
     """A `keras.distribution.LayoutMap` with an exact entry for each of
-    `weights`, [(variable path, shape)] (see `variable_layout`)."""
+    `weights`, [(variable path, shape)] (see `variable_layout`).
+
+    Args:
+        device_mesh: `keras.distribution.DeviceMesh`; it must have both `model_axis` and
+            `data_axis` (else a ValueError).
+        weights: iterable of (variable path, shape) pairs.
+        model_axis: str, the tensor-parallel mesh axis (default "model").
+        data_axis: str, the data-parallel mesh axis (default "batch").
+        fsdp: bool; also shard large weights over `data_axis` (see `variable_layout`).
+
+    Returns:
+        A `PathLayoutMap` (looked up by exact path; unlisted paths are replicated).
+    """
     axis_sizes = dict(zip(device_mesh.axis_names, device_mesh.shape))
     for axis in (model_axis, data_axis):
         if axis not in axis_sizes:

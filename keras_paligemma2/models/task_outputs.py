@@ -55,7 +55,17 @@ def parse_detections(text, image_size=None):
 
 
 def format_detections(objects, image_size=None):
-    """The inverse of `parse_detections`: boxes (and codes) to target text."""
+    """The inverse of `parse_detections`: boxes (and codes) to target text.
+
+    Args:
+        objects: iterable of dicts with `box` (y_min, x_min, y_max, x_max), `label` str and
+            optional `codes` (16 ints in 0..127).
+        image_size: (height, width) when boxes are in pixels; None (default): [0, 1] units.
+            Coordinates are clipped to [0, 1] before binning.
+
+    Returns:
+        str, the objects joined by " ; ".
+    """
     parts = []
     for obj in objects:
         y_min, x_min, y_max, x_max = obj["box"]
@@ -79,6 +89,14 @@ def paste_mask(mask_logits, box, image_size):
 
     As big_vision's evaluator: the box is cut to whole pixels, the logits
     resized bilinearly (PIL) to the box and thresholded at 0.
+
+    Args:
+        mask_logits: float array (64, 64), a `MaskDecoder` output row.
+        box: (y_min, x_min, y_max, x_max) in pixels; truncated to ints and clipped to the image.
+        image_size: (height, width) of the image in pixels.
+
+    Returns:
+        bool NumPy (height, width), all False when the clipped box is empty.
     """
     height, width = image_size
     mask = np.zeros((height, width), bool)

@@ -59,7 +59,10 @@ class PaliGemma2ImageConverter(keras_hub.layers.ImageConverter):
             the weights were trained and evaluated with),
             "big_vision_antialias", "colab" or "keras_hub".
         antialias: bool; `True` is the older spelling of
-            `pipeline="big_vision_antialias"`.
+            `pipeline="big_vision_antialias"` (it changes only "big_vision").
+        **kwargs: passed to `keras_hub.layers.ImageConverter` (name, dtype, ...); its `scale`,
+            `offset`, `crop_to_aspect_ratio` and `interpolation` are dropped (the pipeline
+            sets them).
 
     Returns:
         float32 (B, image_size, image_size, 3) in [-1, 1], or
@@ -99,11 +102,29 @@ class PaliGemma2ImageConverter(keras_hub.layers.ImageConverter):
         self.pipeline = pipeline
 
     def call(self, inputs):
+        """Converts images; see `convert`.
+
+        Args:
+            inputs: one image or a list/batch of them (see the class docstring).
+
+        Returns:
+            float32 (B, image_size, image_size, 3) in [-1, 1], or (image_size, image_size, 3)
+            for a single image.
+        """
         return self.convert(inputs)
 
     def convert(self, inputs):
         """`call` without Keras' layer wrapper, whose error messages repeat
-        every argument (whole pixel arrays) around ours."""
+        every argument (whole pixel arrays) around ours.
+
+        Args:
+            inputs: one image (a path, bytes, a PIL image or an array (H, W[, C])) or a
+                non-empty list/batch of them; a 4-D array is a batch.
+
+        Returns:
+            float32 NumPy (B, image_size, image_size, 3) in [-1, 1], or
+            (image_size, image_size, 3) for a single image.
+        """
         single = _is_single_image(inputs)
         images = [inputs] if single else list(inputs)
         if not images:
@@ -134,7 +155,16 @@ class PaliGemma2ImageConverter(keras_hub.layers.ImageConverter):
 
 def big_vision_resize(pixels, size, antialias=False):
     """big_vision's `resize(size)`: `tf.image.resize` (bilinear) to a
-    square, then back to the input dtype after clipping (uint8: truncated)."""
+    square, then back to the input dtype after clipping (uint8: truncated).
+
+    Args:
+        pixels: NumPy (H, W, 3) (or a batch (B, H, W, 3)), uint8 or float in [0, 255].
+        size: int, the output side.
+        antialias: bool, `tf.image.resize`'s antialias (default False, as big_vision).
+
+    Returns:
+        NumPy (size, size, 3) (or (B, size, size, 3)) in the dtype of `pixels`.
+    """
     # Imported here: only images need TensorFlow, so the model itself
     # (token-id generation, training) runs where TensorFlow is absent.
     import tensorflow as tf
@@ -147,7 +177,14 @@ def big_vision_resize(pixels, size, antialias=False):
 
 def value_range(pixels):
     """big_vision's `value_range(-1, 1)`: [0, 255] to [-1, 1] in float32,
-    in its order of operations (`vmin + x / 255 * (vmax - vmin)`)."""
+    in its order of operations (`vmin + x / 255 * (vmax - vmin)`).
+
+    Args:
+        pixels: NumPy array of levels in [0, 255], any shape (uint8 or float).
+
+    Returns:
+        float32 NumPy array of the same shape, in [-1, 1].
+    """
     x = pixels.astype(np.float32) / np.float32(255.0)
     return np.float32(-1.0) + x * np.float32(2.0)
 

@@ -37,6 +37,9 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
             error. "response": the response is cut to fit (with a warning
             counting the examples cut); a prompt that alone does not fit is
             always an error: the prompt is never cut.
+        add_start_token: bool, prepend `<bos>` to every prompt (default True, as big_vision).
+        add_end_token: bool, append `<eos>` to every response (default True, as big_vision).
+        **kwargs: passed to `keras_hub.models.CausalLMPreprocessor` (name, dtype, ...).
 
     Call with `{"images": ..., "prompts": [...], "responses": [...]}` (a
     single image and string work too). Returns `(x, y, sample_weight)`:
@@ -98,7 +101,15 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         return [int(i) for i in np.asarray(self.tokenizer.tokenize(text))]
 
     def prompt_ids(self, prompt):
-        """`<bos> prompt "\\n"` as big_vision tokenizes it."""
+        """`<bos> prompt "\\n"` as big_vision tokenizes it.
+
+        Args:
+            prompt: str, non-blank (a task prefix such as "caption en"); `<bos>` only with
+                `add_start_token`.
+
+        Returns:
+            list of int token ids.
+        """
         if not isinstance(prompt, str):
             raise ValueError(f"Prompts must be strings; got {type(prompt).__name__}.")
         if not prompt.strip():
@@ -110,14 +121,31 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         return start + self._ids(prompt) + list(self.tokenizer.separator_ids)
 
     def response_ids(self, response):
-        """`response <eos>`."""
+        """`response <eos>`.
+
+        Args:
+            response: str, may be empty; `<eos>` only with `add_end_token`.
+
+        Returns:
+            list of int token ids.
+        """
         if not isinstance(response, str):
             raise ValueError(f"Responses must be strings; got {type(response).__name__}.")
         end = [self.tokenizer.end_token_id] if self.add_end_token else []
         return self._ids(response) + end
 
     def pack(self, prompts, responses=None, sequence_length=None):
-        """Token ids, padding mask and response mask, (B, sequence_length) each."""
+        """Token ids, padding mask and response mask, (B, sequence_length) each.
+
+        Args:
+            prompts: str, or a list / NumPy array of str or bytes (B of them).
+            responses: None (default, prompts only), or as `prompts`, one per prompt.
+            sequence_length: int or None; None (default) uses `self.sequence_length`.
+
+        Returns:
+            (token_ids, padding_mask, response_mask), int32 NumPy (B, sequence_length) each,
+            left-aligned and padded with the pad id; response_mask is 1 on response + `<eos>`.
+        """
         length = sequence_length or self.sequence_length
         prompts = _as_list(prompts, "prompts")
         if responses is not None:
@@ -168,6 +196,21 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
     # --- Calls ------------------------------------------------------------
 
     def call(self, x, y=None, sample_weight=None, sequence_length=None):
+        """Training examples: `{"images", "prompts", "responses"}` to `(x, y, sample_weight)`.
+
+        Args:
+            x: dict with `images` (one image or one per prompt; a list of images per example
+                for multi-image models), `prompts` and `responses` (str or lists of str).
+            y: must be None: labels are made from `x["responses"]`.
+            sample_weight: must be None: weights are made from the response mask.
+            sequence_length: int or None, text tokens per example; None (default) uses
+                `self.sequence_length`.
+
+        Returns:
+            `(x, y, sample_weight)`: x the dict of backbone inputs (`token_ids`, `padding_mask`,
+            `response_mask` int32 (B, T), `images` float32 (B, S, S, 3), or (B, n, S, S, 3) with n
+            images per example), y int32 (B, T) labels, sample_weight float32 (B, T).
+        """
         if y is not None or sample_weight is not None:
             raise ValueError(
                 "Pass responses inside x as x['responses']; labels and weights are made from them."
@@ -188,7 +231,16 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         return keras.utils.pack_x_y_sample_weight(inputs, labels, weights)
 
     def generate_preprocess(self, x, sequence_length=None):
-        """Prompts (no responses) to backbone inputs for generation."""
+        """Prompts (no responses) to backbone inputs for generation.
+
+        Args:
+            x: dict with `images` and `prompts` (as in `call`).
+            sequence_length: int or None; None (default) uses `self.sequence_length`.
+
+        Returns:
+            dict of `images` float32 (B, S, S, 3) (or (B, n, S, S, 3)) and `token_ids`,
+            `padding_mask`, `response_mask` (all zeros) int32 (B, T), prompts left-aligned.
+        """
         x = _check_keys(x, required=("images", "prompts"))
         token_ids, padding_mask, response_mask = self.pack(
             x["prompts"], None, sequence_length=sequence_length
@@ -228,6 +280,14 @@ def shift_for_next_token(inputs):
 
     The label at t is token t + 1; it counts when it is a response token or
     `<eos>` (big_vision's mask_loss, shifted with the labels).
+
+    Args:
+        inputs: dict with `token_ids`, `padding_mask` and `response_mask`, (B, T + 1) each;
+            other keys (`images`) pass through unchanged.
+
+    Returns:
+        (inputs, labels, weights): the dict with those three cut to (B, T), int labels
+        (B, T) and float32 weights (B, T).
     """
     token_ids = np.asarray(inputs["token_ids"])
     response_mask = np.asarray(inputs["response_mask"])

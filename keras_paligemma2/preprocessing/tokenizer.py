@@ -30,6 +30,7 @@ class PaliGemma2Tokenizer(keras_hub.tokenizers.SentencePieceTokenizer):
     Args:
         proto: the SentencePiece model, as a file path or serialized bytes
             (the released `tokenizer.model`).
+        **kwargs: passed to `keras_hub.tokenizers.SentencePieceTokenizer` (name, dtype, ...).
 
     Attributes:
         location_token_start: id of `<loc0000>`; `<locNNNN>` is start + NNNN.
@@ -53,6 +54,16 @@ class PaliGemma2Tokenizer(keras_hub.tokenizers.SentencePieceTokenizer):
         super().__init__(proto=proto, **kwargs)
 
     def set_proto(self, proto):
+        """Loads the SentencePiece model and finds the special tokens.
+
+        Args:
+            proto: a file path or serialized bytes of the model, or None (no model yet, as
+                keras-hub's preset loading does; the attributes are then not set).
+
+        Raises:
+            ValueError: the location or segmentation tokens are not single pieces with
+                consecutive ids, or "\\n" is not one piece.
+        """
         super().set_proto(proto)
         if proto is None:
             return
@@ -80,11 +91,25 @@ class PaliGemma2Tokenizer(keras_hub.tokenizers.SentencePieceTokenizer):
         return ids[0]
 
     def location_token_ids(self, bins):
-        """Ids of `<locNNNN>` for integer bins 0..1023."""
+        """Ids of `<locNNNN>` for integer bins 0..1023.
+
+        Args:
+            bins: int or int array of any shape, values in 0..1023 (not checked).
+
+        Returns:
+            NumPy int array (or scalar) of the same shape.
+        """
         return self.location_token_start + np.asarray(bins)
 
     def segmentation_token_ids(self, codes):
-        """Ids of `<segNNN>` for codebook indices 0..127."""
+        """Ids of `<segNNN>` for codebook indices 0..127.
+
+        Args:
+            codes: int or int array of any shape, values in 0..127 (not checked).
+
+        Returns:
+            NumPy int array (or scalar) of the same shape.
+        """
         return self.segmentation_token_start + np.asarray(codes)
 
 
@@ -96,6 +121,11 @@ def train_tiny_sentencepiece(texts, vocabulary_size=1600):
     tokens as user-defined (never split) pieces, then pieces learned from
     `texts`, with byte fallback so any text encodes. Text is not normalised
     (as Gemma's), so "\\n" stays a piece.
+
+    Args:
+        texts: iterable of str, the training sentences.
+        vocabulary_size: int, the target size (default 1600), special pieces included; a soft
+            limit (`hard_vocab_limit=False`), so small corpora give fewer pieces.
 
     Returns:
         The serialized model (bytes), for `PaliGemma2Tokenizer(proto=...)`.

@@ -14,7 +14,12 @@ DEFAULT_MAX_SHARD_SIZE_GB = 2
 def atomic_file(path, mode="wb"):
     """Yields a file object open on a temporary file beside `path`, which
     replaces `path` (flushed and synced) only if the block succeeds; on any
-    error it is removed and `path` is left as it was."""
+    error it is removed and `path` is left as it was.
+
+    Args:
+        path: str or path-like, the file to write; its directory must exist.
+        mode: str, a write mode for `open` (default "wb"; "w" for text).
+    """
     path = os.path.abspath(os.fspath(path))
     handle, tmp = tempfile.mkstemp(
         prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path)
@@ -46,6 +51,9 @@ def atomic_directory(path):
     On any error the new directory is removed and `path`, if it existed, is
     left as it was. On success an existing `path` is moved aside, the new
     directory renamed into place, and only then the old one deleted.
+
+    Args:
+        path: str or path-like, the directory to write; its parent is created if needed.
     """
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)

@@ -19,6 +19,12 @@ class DataError(ValueError):
 def read_jsonl(path, need_suffix=True):
     """Every example of `path`, checked before any is used.
 
+    Args:
+        path: str or path-like, the `.jsonl` file; relative image paths are read from its
+            directory.
+        need_suffix: bool; True (default) requires a string `suffix` on lines without
+            `answers`; False (prompts only, e.g. for prediction) makes it optional.
+
     Returns:
         A dict of lists: `images` (absolute paths), `prompts`, `responses`
         (the suffix, or "" when absent), `answers` (lists of strings) and

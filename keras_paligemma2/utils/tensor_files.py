@@ -28,6 +28,13 @@ class LazyTensor:
 
     `location` (path, byte offset, byte count), when known, lets the loader
     ask the kernel to read the bytes ahead while it copies other tensors.
+
+    Args:
+        shape: iterable of int, the tensor's shape (stored as a tuple).
+        dtype: `np.dtype` of the array `read()` returns.
+        read: callable with no arguments returning the NumPy array (a memory map, or a
+            freshly decompressed array).
+        location: None (default), or (path, byte offset, byte count) of the raw bytes.
     """
 
     def __init__(self, shape, dtype, read, location=None):
@@ -38,7 +45,11 @@ class LazyTensor:
 
     def prefetch(self, reader=None):
         """Asks the kernel to start reading this tensor into the page cache,
-        unless `reader` (a `_FileReader`) will read it around the cache."""
+        unless `reader` (a `_FileReader`) will read it around the cache.
+
+        Args:
+            reader: None (default), or the `_FileReader` the loader reads with.
+        """
         if self.location is None or not hasattr(os, "posix_fadvise"):
             return
         path, offset, nbytes = self.location
@@ -60,6 +71,15 @@ def read_npz_lazily(path):
     than one tensor's pages. Compressed members are decompressed on read.
     bfloat16 stored as 2-byte void (`V2`) comes back as `ml_dtypes.bfloat16`.
     Nothing is ever unpickled: object arrays are refused.
+
+    Args:
+        path: str or path-like, the `.npz` file.
+
+    Returns:
+        {member name without ".npy": `LazyTensor`}.
+
+    Raises:
+        CheckpointError: the file is not a readable zip of `.npy` members.
     """
     path = os.fspath(path)
     tensors = {}
@@ -80,6 +100,12 @@ def read_npz_lazily(path):
 
 
 def unreadable_checkpoint(path, error):
+    """The `CheckpointError` for a file that cannot be parsed (to raise, not raised here).
+
+    Args:
+        path: str, the file.
+        error: the exception or message saying what is wrong.
+    """
     return CheckpointError(
         f"Cannot read {path!r} as a checkpoint ({error}). The file may be "
         "truncated or corrupt: download it again."
@@ -175,6 +201,15 @@ def read_safetensors_lazily(path):
     `safetensors.safe_open` keeps the whole file mapped while its handle
     lives, so every page read would stay in this process's memory until the
     end of loading. The format has no code to unpickle.
+
+    Args:
+        path: str or path-like, the `.safetensors` file.
+
+    Returns:
+        {tensor name: `LazyTensor`} (the `__metadata__` entry skipped).
+
+    Raises:
+        CheckpointError: a bad header, unknown dtype, or a tensor past the end of the file.
     """
     path = os.fspath(path)
     try:
@@ -217,8 +252,11 @@ def write_safetensors(path, tensors):
 
     Written to a temporary file beside `path`, flushed, then renamed over
     it: an interrupted write leaves any previous file untouched.
-    """
 
+    Args:
+        path: str or path-like, the file to write.
+        tensors: {name: array-like}; dtypes as in `SAFETENSORS_DTYPES` (else a ValueError).
+    """
     codes = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
     header, offset, arrays = {}, 0, []
     for name, value in tensors.items():
@@ -256,8 +294,13 @@ def _by_path(variables):
 
 def write_state(path, variables):
     """Saves Keras variables (a list, keyed by path, or a {key: variable}
-    dict) to a `.safetensors` file, atomically."""
+    dict) to a `.safetensors` file, atomically.
 
+    Args:
+        path: str or path-like, the file to write.
+        variables: list of `keras.Variable` (keyed by `variable.path`, which must be unique),
+            or a {key: `keras.Variable`} dict.
+    """
     named = _by_path(variables)
     write_safetensors(path, {k: keras.ops.convert_to_numpy(v.value) for k, v in named.items()})
 
@@ -268,8 +311,17 @@ def read_state(path, variables, strict=True):
     With `strict`, a variable missing from the file, a saved value with no
     variable, or a shape mismatch is an error naming them all; nothing is
     assigned unless everything matches.
-    """
 
+    Args:
+        path: str or path-like, a file written by `write_state`.
+        variables: list of `keras.Variable` (keyed by path) or {key: `keras.Variable`}, as
+            given to `write_state`; saved values are cast to each variable's dtype.
+        strict: bool; True (default) also refuses missing and unexpected keys; False assigns
+            the keys both have. Shape mismatches are an error either way.
+
+    Raises:
+        CheckpointError: naming every mismatch; nothing is assigned then.
+    """
     saved = read_safetensors_lazily(path)
     by_path = _by_path(variables)
     missing = sorted(set(by_path) - set(saved))
