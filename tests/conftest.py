@@ -11,24 +11,9 @@ import zlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from helpers import TINY_CONFIG  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-
-TINY_CONFIG = dict(
-    image_size=28,
-    patch_size=14,
-    vit_hidden_dim=16,
-    vit_num_layers=2,
-    vit_num_heads=2,
-    vit_intermediate_dim=32,
-    vocabulary_size=64,
-    num_layers=2,
-    hidden_dim=32,
-    num_query_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    intermediate_dim=48,
-)
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ import jax
 import keras
 import numpy as np
 import pytest
+from helpers import backbone_inputs
+from helpers import randomize
 
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
@@ -13,25 +15,13 @@ rng = None  # Reseeded from each test's id (conftest).
 
 
 def _inputs(batch=2, length=7, image_size=28):
-    response = np.zeros((batch, length), "int32")
-    response[:, length // 2 :] = 1
-    return {
-        "images": rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype("float32"),
-        "token_ids": rng.integers(1, 64, (batch, length)).astype("int32"),
-        "padding_mask": np.ones((batch, length), "int32"),
-        "response_mask": response,
-    }
-
-
-def _randomize(model):
-    for v in model.weights:
-        v.assign(rng.normal(size=v.shape).astype("float32") * 0.2)
+    return backbone_inputs(rng, batch, length, image_size)
 
 
 @pytest.fixture
 def tiny_lm(tiny_config):
     backbone = PaliGemma2Backbone(**tiny_config, final_logit_soft_cap=30.0)
-    _randomize(backbone)
+    randomize(backbone, rng)
     return PaliGemma2CausalLM(backbone)
 
 
@@ -109,7 +99,7 @@ def test_bfloat16_policy_runs(tiny_config):
 
 def test_sliding_window_acts_only_on_local_layers_past_the_window(tiny_config):
     windowed = PaliGemma2Backbone(**tiny_config, sliding_window_size=6)
-    _randomize(windowed)
+    randomize(windowed, rng)
     full = PaliGemma2Backbone(**tiny_config)
     full.set_weights(windowed.get_weights())
     short = _inputs(batch=1, length=2)  # 4 image + 2 text = 6 tokens.

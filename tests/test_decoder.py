@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import numpy_reference as ref
+from helpers import randomize
 
 from keras_paligemma2.layers.gemma import DecoderBlock
 from keras_paligemma2.layers.gemma import GatedMLP
@@ -12,16 +13,11 @@ from keras_paligemma2.layers.gemma import TokenEmbedding
 rng = None  # Reseeded from each test's id (conftest).
 
 
-def _randomize(layer, scale=0.3):
-    for v in layer.weights:
-        v.assign(rng.normal(size=v.shape).astype("float32") * scale)
-
-
 def test_rms_norm_uses_one_plus_scale():
     x = rng.normal(size=(2, 3, 16)).astype("float32") * 5
     norm = RMSNorm(epsilon=1e-6)
     norm.build(x.shape)
-    _randomize(norm)
+    randomize(norm, rng, 0.3)
     want = ref.rms_norm(x, np.asarray(norm.scale))
     np.testing.assert_allclose(np.asarray(norm(x)), want, rtol=1e-5, atol=1e-5)
 
@@ -30,7 +26,7 @@ def test_gated_mlp_is_geglu():
     x = rng.normal(size=(2, 3, 16)).astype("float32")
     mlp = GatedMLP(24)
     mlp.build(x.shape)
-    _randomize(mlp)
+    randomize(mlp, rng, 0.3)
     gate, up, down = (np.asarray(layer.kernel) for layer in (mlp.gate, mlp.up, mlp.down))
     want = (ref.gelu_tanh(x @ gate) * (x @ up)) @ down
     np.testing.assert_allclose(np.asarray(mlp(x)), want, rtol=1e-4, atol=1e-5)
@@ -80,7 +76,7 @@ def test_decoder_block_matches_reference():
     )
     x = rng.normal(size=(2, 6, 16)).astype("float32")
     block.build(x.shape)
-    _randomize(block)
+    randomize(block, rng, 0.3)
     positions = np.tile(np.arange(6), (2, 1))
     valid = np.ones((2, 6), int)
     mask_ar = np.array([[0, 0, 0, 1, 1, 1]] * 2)
@@ -96,7 +92,7 @@ def test_prefill_block_caches_every_position_and_can_return_only_the_last():
     block = DecoderBlock(4, 2, 8, 24, query_pre_attn_scalar=8, attention_logit_soft_cap=3.0)
     x = rng.normal(size=(2, 6, 16)).astype("float32")
     block.build(x.shape)
-    _randomize(block)
+    randomize(block, rng, 0.3)
     positions = np.array([[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
     valid = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     mask = ref.prefix_lm_mask(valid, np.zeros((2, 6), int))
@@ -112,6 +108,26 @@ def test_prefill_block_caches_every_position_and_can_return_only_the_last():
     own, own_cache = block(x, positions, mask[:, :, :6], kv_cache=empty, cache_index=0)
     np.testing.assert_allclose(np.asarray(own), np.asarray(full), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(own_cache), np.asarray(full_cache))
+
+
+def test_remat_keeps_last_only():
+    block = DecoderBlock(
+        num_query_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_dim=24,
+        query_pre_attn_scalar=8,
+    )
+    x = rng.normal(size=(2, 5, 16)).astype("float32")
+    block.build(x.shape)
+    randomize(block, rng, 0.3)
+    positions = np.broadcast_to(np.arange(5), (2, 5))
+    mask = np.broadcast_to(np.tril(np.ones((5, 5), bool)), (2, 5, 5))
+    want = np.asarray(block(x, positions, mask, last_only=True))
+    block.remat = True
+    got = np.asarray(block(x, positions, mask, last_only=True))
+    assert got.shape == want.shape == (2, 1, 16)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_decoder_projections_are_lora_and_int8_ready():

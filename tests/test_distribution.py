@@ -4,6 +4,8 @@ import jax
 import keras
 import numpy as np
 import pytest
+from helpers import bv_tiny_text_logits
+from helpers import tiny_config
 
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
@@ -11,22 +13,7 @@ from keras_paligemma2 import distribution as dist
 
 # kv heads 2 and a 60-word vocabulary: neither divides a model axis of 8, the
 # MLP (48) and head_dim (8) do; the ViT has 2 heads.
-CONFIG = dict(
-    image_size=28,
-    patch_size=14,
-    vit_hidden_dim=16,
-    vit_num_layers=1,
-    vit_num_heads=2,
-    vit_intermediate_dim=32,
-    vocabulary_size=60,
-    num_layers=2,
-    hidden_dim=32,
-    num_query_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    intermediate_dim=48,
-    final_logit_soft_cap=30.0,
-)
+CONFIG = tiny_config(vit_num_layers=1, vocabulary_size=60, final_logit_soft_cap=30.0)
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
 
 
@@ -188,15 +175,7 @@ def test_checkpoint_loads_into_our_layouts_and_gives_the_reference_logits(fixtur
         lm = PaliGemma2CausalLM.from_preset(checkpoint)
         gate = lm.backbone.decoder_blocks[0].mlp.gate.kernel.value
         assert len(gate.sharding.device_set) == 8
-        text = reference["text"]
-        logits = lm(
-            {
-                "images": reference["images"],
-                "token_ids": text,
-                "padding_mask": np.ones_like(text),
-                "response_mask": reference["mask_ar"],
-            }
-        )
+        logits = bv_tiny_text_logits(lm, reference)
     assert np.abs(np.asarray(logits) - reference["text_logits"]).max() < 1e-4
 
 

@@ -10,6 +10,7 @@ import huggingface_hub
 import huggingface_hub.constants  # A submodule: not an attribute until imported.
 import numpy as np
 import pytest
+from helpers import bv_tiny_text_logits
 from huggingface_hub import errors as hub_errors
 
 from keras_paligemma2 import PaliGemma2Backbone
@@ -88,15 +89,7 @@ def test_registered_name_downloads_big_vision_and_runs(fake_hub, fixtures_dir):
     assert lm.preprocessor.tokenizer.location_token_start > 0
     assert lm.preprocessor.image_converter.side == 42
     reference = np.load(fixtures_dir / "bv_tiny" / "reference_outputs.npz")
-    text = reference["text"]
-    logits = lm(
-        {
-            "images": reference["images"],
-            "token_ids": text,
-            "padding_mask": np.ones_like(text),
-            "response_mask": reference["mask_ar"],
-        }
-    )
+    logits = bv_tiny_text_logits(lm, reference)
     assert np.abs(np.asarray(logits) - reference["text_logits_b16_params"]).max() < 0.1
     assert lm.backbone.final_logit_soft_cap is None  # big_vision semantics.
 

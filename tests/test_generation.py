@@ -2,6 +2,10 @@
 
 import numpy as np
 import pytest
+from helpers import SMALL_TEXT_TASK
+from helpers import randomize
+from helpers import tiny_config
+from helpers import tiny_lm
 
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
@@ -52,24 +56,11 @@ def test_hf_greedy(fixtures_dir):
 def random_lm():
     rng = np.random.default_rng(7)
     backbone = PaliGemma2Backbone(
-        image_size=28,
-        patch_size=14,
-        vit_hidden_dim=16,
-        vit_num_layers=1,
-        vit_num_heads=2,
-        vit_intermediate_dim=32,
-        vocabulary_size=50,
-        num_layers=2,
-        hidden_dim=32,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_dim=48,
-        final_logit_soft_cap=30.0,
-        sliding_window_size=9,
+        **tiny_config(
+            vit_num_layers=1, vocabulary_size=50, final_logit_soft_cap=30.0, sliding_window_size=9
+        )
     )
-    for v in backbone.weights:
-        v.assign(rng.normal(size=v.shape).astype("float32") * 0.5)
+    randomize(backbone, rng, 0.5)
     return PaliGemma2CausalLM(backbone)
 
 
@@ -144,27 +135,7 @@ def test_stop_tokens_end_rows(random_lm):
 
 
 def test_text_in_text_out_reuses_one_compiled_function():
-    tokenizer = PaliGemma2Tokenizer(
-        train_tiny_sentencepiece(["caption en", "answer en what is it", "a cat"])
-    )
-    backbone = PaliGemma2Backbone(
-        image_size=28,
-        patch_size=14,
-        vit_hidden_dim=16,
-        vit_num_layers=1,
-        vit_num_heads=2,
-        vit_intermediate_dim=32,
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=1,
-        hidden_dim=32,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        intermediate_dim=48,
-    )
-    lm = PaliGemma2CausalLM(
-        backbone, PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28))
-    )
+    lm = tiny_lm(words=("caption en", "answer en what is it", "a cat"), **SMALL_TEXT_TASK)
     image = np.zeros((40, 40, 3), "uint8")
     text = lm.generate({"images": image, "prompts": "caption en"}, max_new_tokens=4)
     assert isinstance(text, str)
@@ -335,24 +306,11 @@ def test_sampling_is_reproducible_and_differs_from_greedy(random_lm):
 def test_several_images_per_example(tmp_path):
     """Tokens of each example's images come in order before the prompt."""
     rng = np.random.default_rng(12)
-    config = dict(
-        image_size=28,
-        patch_size=14,
-        vit_hidden_dim=16,
-        vit_num_layers=1,
-        vit_num_heads=2,
-        vit_intermediate_dim=32,
-        vocabulary_size=50,
-        num_layers=1,
-        hidden_dim=32,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        intermediate_dim=48,
+    config = tiny_config(
+        vit_num_layers=1, vocabulary_size=50, num_layers=1, num_query_heads=2, num_key_value_heads=1
     )
     single = PaliGemma2Backbone(**config)
-    for v in single.weights:
-        v.assign(rng.normal(size=v.shape).astype("float32") * 0.5)
+    randomize(single, rng, 0.5)
     double = PaliGemma2Backbone(**config, num_images=2)
     double.set_weights(single.get_weights())
     assert double.num_image_tokens == 8
@@ -403,22 +361,16 @@ def test_preprocessor_stacks_several_images_per_example():
 def _tiny_vocabulary_lm(seed):
     rng = np.random.default_rng(seed)
     backbone = PaliGemma2Backbone(
-        image_size=28,
-        patch_size=14,
-        vit_hidden_dim=16,
-        vit_num_layers=1,
-        vit_num_heads=2,
-        vit_intermediate_dim=32,
-        vocabulary_size=6,
-        num_layers=2,
-        hidden_dim=16,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        intermediate_dim=32,
+        **tiny_config(
+            vit_num_layers=1,
+            vocabulary_size=6,
+            hidden_dim=16,
+            num_query_heads=2,
+            num_key_value_heads=1,
+            intermediate_dim=32,
+        )
     )
-    for v in backbone.weights:
-        v.assign(rng.normal(size=v.shape).astype("float32") * 0.8)
+    randomize(backbone, rng, 0.8)
     # A weak eos row, so that ending at once is not always the best sequence.
     table = np.asarray(backbone.token_embedding.embeddings).copy()
     table[1] *= 0.1

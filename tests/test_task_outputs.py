@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from helpers import SMALL_TEXT_TASK
+from helpers import tiny_lm
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -96,34 +98,7 @@ def test_paste_mask_into_box():
 
 @pytest.fixture
 def text_lm():
-    from keras_paligemma2 import PaliGemma2Backbone
-    from keras_paligemma2 import PaliGemma2CausalLM
-    from keras_paligemma2 import PaliGemma2CausalLMPreprocessor
-    from keras_paligemma2 import PaliGemma2ImageConverter
-    from keras_paligemma2 import PaliGemma2Tokenizer
-    from keras_paligemma2.preprocessing.tokenizer import train_tiny_sentencepiece
-
-    tokenizer = PaliGemma2Tokenizer(
-        train_tiny_sentencepiece(["detect cat", "segment cat", "caption en"])
-    )
-    backbone = PaliGemma2Backbone(
-        image_size=28,
-        patch_size=14,
-        vit_hidden_dim=16,
-        vit_num_layers=1,
-        vit_num_heads=2,
-        vit_intermediate_dim=32,
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=1,
-        hidden_dim=32,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        intermediate_dim=48,
-    )
-    return PaliGemma2CausalLM(
-        backbone, PaliGemma2CausalLMPreprocessor(tokenizer, PaliGemma2ImageConverter(28))
-    )
+    return tiny_lm(words=("detect cat", "segment cat", "caption en"), **SMALL_TEXT_TASK)
 
 
 def test_task_calls_send_big_vision_prompts_and_scale_boxes(

@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from helpers import tiny_config
 
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
@@ -38,22 +39,13 @@ def tokenizer_proto():
 
 def make_lm(tokenizer_proto, seed=0, **overrides):
     tokenizer = PaliGemma2Tokenizer(tokenizer_proto)
-    config = dict(
-        image_size=28,
-        patch_size=14,
-        vit_hidden_dim=16,
+    config = tiny_config(
         vit_num_layers=1,
-        vit_num_heads=2,
-        vit_intermediate_dim=32,
         vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=2,
-        hidden_dim=32,
         num_query_heads=2,
         num_key_value_heads=1,
-        head_dim=8,
-        intermediate_dim=48,
+        **overrides,
     )
-    config.update(overrides)
     keras.utils.set_random_seed(seed)
     backbone = PaliGemma2Backbone(**config)
     preprocessor = PaliGemma2CausalLMPreprocessor(

@@ -2,6 +2,7 @@
 
 import numpy as np
 import numpy_reference as ref
+from helpers import randomize
 
 from keras_paligemma2.layers.siglip import VisionEncoder
 
@@ -42,8 +43,7 @@ def _vit_reference(encoder, images):
 def test_vision_encoder_matches_reference():
     encoder = VisionEncoder(28, 14, hidden_dim=12, num_layers=2, num_heads=3, intermediate_dim=20)
     encoder.build()
-    for v in encoder.weights:
-        v.assign(rng.normal(size=v.shape).astype("float32") * 0.2)
+    randomize(encoder, rng)
     images = rng.uniform(-1, 1, size=(2, 28, 28, 3)).astype("float32")
     got = np.asarray(encoder(images))
     assert got.shape == (2, 4, 12)

@@ -5,6 +5,7 @@ import json
 import keras_hub
 import numpy as np
 import pytest
+from helpers import randomize
 
 from keras_paligemma2 import CheckpointError
 from keras_paligemma2 import PaliGemma2Backbone
@@ -47,8 +48,7 @@ def _inputs():
 @pytest.fixture
 def saved_keras_hub_preset(tmp_path):
     source = keras_hub.models.PaliGemmaBackbone(**KERAS_HUB_TINY)
-    for v in source.weights:
-        v.assign(rng.normal(size=v.shape).astype("float32") * 0.2)
+    randomize(source, rng)
     path = tmp_path / "keras_hub_preset"
     source.save_to_preset(str(path))
     return source, path
@@ -93,8 +93,7 @@ def test_paligemma_1_preset_is_refused():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_save_to_preset_round_trip_is_bit_exact(tiny_config, tmp_path, dtype):
     backbone = PaliGemma2Backbone(**tiny_config, dtype=dtype)
-    for v in backbone.weights:
-        v.assign(rng.normal(size=v.shape).astype("float32"))
+    randomize(backbone, rng, 1.0)
     backbone.save_to_preset(str(tmp_path / "ours"))
     assert (
         json.loads((tmp_path / "ours" / "config.json").read_text())["class_name"]
@@ -186,8 +185,7 @@ def test_own_preset_loads_without_running_initializers(tiny_config, tmp_path, in
     # keras-hub's loader draws random weights and then overwrites them, which
     # doubles the peak memory of a load; ours fills each variable once.
     backbone = PaliGemma2Backbone(**tiny_config)
-    for v in backbone.weights:
-        v.assign(rng.normal(size=v.shape).astype("float32"))
+    randomize(backbone, rng, 1.0)
     PaliGemma2CausalLM(backbone).save_to_preset(str(tmp_path / "task"))
     initialized.clear()
     restored = PaliGemma2CausalLM.from_preset(tmp_path / "task")

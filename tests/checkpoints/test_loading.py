@@ -4,6 +4,7 @@ import jax
 import keras
 import numpy as np
 import pytest
+from helpers import bv_tiny_text_logits
 from keras.src.backend.common import global_state
 
 from keras_paligemma2 import CheckpointError
@@ -70,15 +71,7 @@ def test_load_under_model_parallel_places_shards(fixtures_dir, bv_f32):
     assert embedding.addressable_shards[0].data.shape == (1200 // 4, 48)
     gate = lm.backbone.decoder_blocks[0].mlp.gate.kernel.value
     assert gate.addressable_shards[0].data.shape == (48, 80 // 4)
-    text = reference["text"]
-    logits = lm(
-        {
-            "images": reference["images"],
-            "token_ids": text,
-            "padding_mask": np.ones_like(text),
-            "response_mask": reference["mask_ar"],
-        }
-    )
+    logits = bv_tiny_text_logits(lm, reference)
     assert np.abs(np.asarray(logits) - reference["text_logits"]).max() < 1e-4
 
 
