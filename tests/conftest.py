@@ -33,3 +33,11 @@ def _seed_module_rng(request):
     worker (`-n 2`, any order)."""
     if hasattr(request.module, "rng"):
         request.module.rng = np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`PG2_TEST_ORDER_SEED=N` runs the tests in a shuffled order (seeded by N):
+    the suite must pass in any order (README, Test)."""
+    seed = os.environ.get("PG2_TEST_ORDER_SEED")
+    if seed is not None:
+        np.random.default_rng(int(seed)).shuffle(items)
