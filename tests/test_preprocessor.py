@@ -105,3 +105,28 @@ def test_bad_inputs(preprocessor, x, message):
 def test_unknown_truncation(tokenizer):
     with pytest.raises(ValueError, match="truncate must be one of"):
         PaliGemma2CausalLMPreprocessor(tokenizer, truncate="prompt")
+
+
+def test_a_prompt_written_with_its_separator_gets_no_second_one(preprocessor, tokenizer):
+    # keras-hub's and transformers' docs write prompts as "caption en\n".
+    assert preprocessor.prompt_ids("caption en\n") == preprocessor.prompt_ids("caption en")
+    image = np.zeros((28, 28, 3), np.uint8)
+    examples = {"images": [image], "responses": ["a red cat"]}
+    with_separator = preprocessor({**examples, "prompts": ["caption en\n"]})[0]
+    without = preprocessor({**examples, "prompts": ["caption en"]})[0]
+    for key in ("token_ids", "padding_mask", "response_mask"):
+        np.testing.assert_array_equal(with_separator[key], without[key])
+    # Only one trailing separator is the separator; a blank prompt stays an error.
+    assert preprocessor.prompt_ids("caption en\n\n") != preprocessor.prompt_ids("caption en")
+    with pytest.raises(ValueError, match="Empty prompt"):
+        preprocessor.prompt_ids("\n")
+
+
+def test_length_errors_name_the_users_sequence_length(preprocessor):
+    image = np.zeros((28, 28, 3), np.uint8)
+    long = {"images": [image], "prompts": ["caption en"], "responses": ["a red cat " * 6]}
+    # Training rows hold sequence_length + 1 tokens (shifted into labels).
+    with pytest.raises(ValueError, match=r"a row holds 13 tokens \(sequence_length=12, plus one"):
+        preprocessor(long)
+    with pytest.raises(ValueError, match=r"a row holds 12 tokens \(sequence_length=12\)"):
+        preprocessor.generate_preprocess({"images": [image], "prompts": ["answer en what " * 6]})

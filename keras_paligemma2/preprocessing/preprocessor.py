@@ -103,15 +103,20 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
     def prompt_ids(self, prompt):
         """`<bos> prompt "\\n"` as big_vision tokenizes it.
 
+        A prompt written with its separator already (`"caption en\\n"`, as
+        keras-hub's and transformers' docs write them) gets no second one: one
+        trailing `"\\n"` is taken as the separator.
+
         Args:
-            prompt: str, non-blank (a task prefix such as "caption en"); `<bos>` only with
-                `add_start_token`.
+            prompt: str, non-blank (a task prefix such as "caption en"), with or without one
+                trailing "\\n"; `<bos>` only with `add_start_token`.
 
         Returns:
             list of int token ids.
         """
         if not isinstance(prompt, str):
             raise ValueError(f"Prompts must be strings; got {type(prompt).__name__}.")
+        prompt = prompt.removesuffix("\n")
         if not prompt.strip():
             raise ValueError(
                 "Empty prompt: PaliGemma needs a task prefix such as "
@@ -134,19 +139,29 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         end = [self.tokenizer.end_token_id] if self.add_end_token else []
         return self._ids(response) + end
 
-    def pack(self, prompts, responses=None, sequence_length=None):
+    def pack(self, prompts, responses=None, sequence_length=None, next_token=False):
         """Token ids, padding mask and response mask, (B, sequence_length) each.
 
         Args:
             prompts: str, or a list / NumPy array of str or bytes (B of them).
             responses: None (default, prompts only), or as `prompts`, one per prompt.
             sequence_length: int or None; None (default) uses `self.sequence_length`.
+            next_token: bool; True packs one token more than `sequence_length` (training rows,
+                shifted into inputs and labels afterwards).
 
         Returns:
-            (token_ids, padding_mask, response_mask), int32 NumPy (B, sequence_length) each,
+            (token_ids, padding_mask, response_mask), int32 NumPy (B, sequence_length) each
+            (one longer with `next_token`),
             left-aligned and padded with the pad id; response_mask is 1 on response + `<eos>`.
         """
-        length = sequence_length or self.sequence_length
+        sequence_length = sequence_length or self.sequence_length
+        length = sequence_length + int(next_token)
+        # What a row holds, as errors say it: training rows are one longer.
+        holds = f"{length} tokens" + (
+            f" (sequence_length={sequence_length}, plus one for the shift into labels)"
+            if next_token
+            else f" (sequence_length={sequence_length})"
+        )
         prompts = _as_list(prompts, "prompts")
         if responses is not None:
             responses = _as_list(responses, "responses")
@@ -165,18 +180,18 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
             if len(prefix) > length:
                 raise ValueError(
                     f"Prompt {row} is {len(prefix)} tokens with <bos> and the "
-                    f"separator, longer than sequence_length={length}. Raise "
-                    "sequence_length or shorten the prompt; prompts are never "
-                    "cut."
+                    f"separator; a row holds {holds}. Raise sequence_length or "
+                    "shorten the prompt; prompts are never cut."
                 )
             suffix = [] if responses is None else self.response_ids(responses[row])
             room = length - len(prefix)
             if len(suffix) > room:
                 if self.truncate != "response":
                     raise ValueError(
-                        f"Example {row} is {len(prefix) + len(suffix)} tokens, "
-                        f"longer than sequence_length={length}. Raise "
-                        "sequence_length, or pass truncate='response' to cut "
+                        f"Example {row} is {len(prefix) + len(suffix)} tokens "
+                        f"(prompt {len(prefix)} with <bos> and the separator, "
+                        f"response {len(suffix)} with <eos>); a row holds {holds}. "
+                        "Raise sequence_length, or pass truncate='response' to cut "
                         "responses."
                     )
                 suffix = suffix[:room]
@@ -187,8 +202,8 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
             response_mask[row, len(prefix) : len(ids)] = 1
         if cut:
             warnings.warn(
-                f"{cut} of {len(prompts)} responses were cut to fit "
-                f"sequence_length={length} (truncate='response').",
+                f"{cut} of {len(prompts)} responses were cut to fit rows of "
+                f"{holds} (truncate='response').",
                 stacklevel=3,
             )
         return token_ids, padding_mask, response_mask
@@ -216,9 +231,8 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
                 "Pass responses inside x as x['responses']; labels and weights are made from them."
             )
         x = _check_keys(x, required=("images", "prompts", "responses"))
-        length = (sequence_length or self.sequence_length) + 1
         token_ids, padding_mask, response_mask = self.pack(
-            x["prompts"], x["responses"], sequence_length=length
+            x["prompts"], x["responses"], sequence_length=sequence_length, next_token=True
         )
         inputs, labels, weights = shift_for_next_token(
             {
