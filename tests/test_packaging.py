@@ -48,6 +48,18 @@ def test_the_wheel_holds_every_module_and_preset_file(wheel):
     assert missing == []
 
 
+def test_the_console_script_names_a_function_the_wheel_has(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        (entry_points,) = [n for n in archive.namelist() if n.endswith("entry_points.txt")]
+        text = archive.read(entry_points).decode()
+    (line,) = [line for line in text.splitlines() if line.startswith("keras-paligemma2")]
+    module, function = line.split("=")[1].strip().split(":")
+    # The module is in the wheel and defines the function.
+    with zipfile.ZipFile(wheel) as archive:
+        source = archive.read(module.replace(".", "/") + ".py").decode()
+    assert f"def {function}(" in source
+
+
 def test_every_module_imports_from_the_installed_wheel(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(

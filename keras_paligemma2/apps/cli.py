@@ -598,6 +598,12 @@ def build_parser():
 
 
 def main(argv=None):
+    """Runs one command line; returns the exit status (0, or 2 on a user error).
+
+    Args:
+        argv: list of str, the arguments after the program name; None reads
+            `sys.argv[1:]`.
+    """
     args = build_parser().parse_args(argv)
     from keras_paligemma2.utils.tensor_files import CheckpointError
 

@@ -45,6 +45,12 @@ from keras_paligemma2.models.task_outputs import paste_mask
 
 
 def exact_match(prediction, answers):
+    """1.0 if `prediction` equals one of `answers` exactly, else 0.0.
+
+    Args:
+        prediction: str, the generated answer.
+        answers: list of str, the accepted answers of the example.
+    """
     return float(any(prediction == answer for answer in answers))
 
 
@@ -58,6 +64,15 @@ def _number(text):
 
 
 def relaxed_accuracy(prediction, answers, max_relative_change=0.05):
+    """ChartQA's relaxed accuracy (see the module docstring): 1.0 or 0.0.
+
+    Args:
+        prediction: str, the generated answer.
+        answers: list of str, the accepted answers of the example.
+        max_relative_change: float, the relative error allowed on a non-zero
+            numeric answer (default 0.05).
+    """
+
     def correct(answer):
         want, got = _number(answer), _number(prediction)
         # A zero (or non-numeric) answer needs the exact string, as big_vision.
@@ -118,6 +133,9 @@ def normalize_vqa_answer(text):
     digit-comma-digit, as "1,000"), else replaced by a space; full stops not
     followed by a digit are deleted; then, lower-cased, articles are dropped,
     number words become digits and contractions get their apostrophe.
+
+    Args:
+        text: str, an answer or prediction.
     """
     text = _strip_space(text)
     digit_comma = re.search(r"\d,\d", text) is not None
@@ -137,6 +155,12 @@ def _strip_space(text):
 
 
 def vqa_accuracy(prediction, answers):
+    """VQAv2's accuracy (see the module docstring), in [0, 1].
+
+    Args:
+        prediction: str, the generated answer.
+        answers: list of str, the annotators' answers (usually ten).
+    """
     answers = [_strip_space(a) for a in answers]
     prediction = _strip_space(prediction)
     # Normalised only when annotators disagree, as the official evaluation
@@ -165,6 +189,12 @@ def coco_caption_tokens(text):
     quotes and punctuation dropped except inside numbers ("1,000", "10:30")
     and abbreviations ("u.s."), a sentence-final full stop dropped, brackets
     as "-lrb-", "$5" -> "$ 5", hyphenated words and "a/b" kept whole.
+
+    Args:
+        text: str, a caption.
+
+    Returns:
+        list of str, the tokens.
     """
     text = text.lower().replace('"', " ")
     for bracket, name in zip("()[]{}", ("-lrb-", "-rrb-", "-lsb-", "-rsb-", "-lcb-", "-rcb-")):
@@ -194,7 +224,14 @@ def ptb_tokenize(texts):
     """`texts` tokenized by pycocoevalcap's `PTBTokenizer` (Stanford's Java
     PTB tokenizer, lower-cased, punctuation dropped), as big_vision's COCO
     caption evaluator tokenizes before scoring. Needs `pycocoevalcap` and a
-    Java runtime."""
+    Java runtime (else a ValueError).
+
+    Args:
+        texts: list of str, the captions.
+
+    Returns:
+        A list of token lists, one per text.
+    """
 
     try:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
@@ -228,11 +265,21 @@ def cider(predictions, references, max_n=4, sigma=6.0, tokenize="ptb"):
     Gaussian length penalty (`sigma`; length counted in bigrams, as there),
     averaged over n and references, x 10.
 
-    `tokenize`: "ptb" (default: pycocoevalcap's Java PTB tokenizer, as
-    big_vision's COCO caption evaluator), "python" (`coco_caption_tokens`,
-    no Java needed; equal on ordinary captions, not on rarer forms such as
-    "gonna", "'tis", "10%" or a final "mr."), or a function from a string to
-    its tokens (`str.split` for text already tokenized).
+    Args:
+        predictions: list of str, one caption per example.
+        references: list of lists of str, each example's reference captions
+            (at least one each).
+        max_n: int, the longest n-gram (default 4).
+        sigma: float, the length penalty's standard deviation (default 6.0).
+        tokenize: "ptb" (default: pycocoevalcap's Java PTB tokenizer, as
+            big_vision's COCO caption evaluator), "python"
+            (`coco_caption_tokens`, no Java needed; equal on ordinary captions,
+            not on rarer forms such as "gonna", "'tis", "10%" or a final
+            "mr."), or a function from a string to its tokens (`str.split`
+            for text already tokenized).
+
+    Returns:
+        (float data-set score, list of per-example float scores).
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} examples.")
@@ -279,7 +326,12 @@ def cider(predictions, references, max_n=4, sigma=6.0, tokenize="ptb"):
 
 
 def levenshtein(a, b):
-    """Edit distance (insertions, deletions, substitutions of one character)."""
+    """Edit distance (insertions, deletions, substitutions of one character).
+
+    Args:
+        a: str (or any sequence), the first.
+        b: str (or any sequence), the second.
+    """
     previous = list(range(len(b) + 1))
     for i, char_a in enumerate(a, 1):
         current = [i]
@@ -292,6 +344,14 @@ def levenshtein(a, b):
 
 
 def anls(prediction, answers, threshold=0.5):
+    """DocVQA's ANLS of one example (see the module docstring), in [0, 1].
+
+    Args:
+        prediction: str, the generated answer.
+        answers: list of str, the accepted answers of the example.
+        threshold: float, the normalised distance from which an answer
+            scores 0 (default 0.5).
+    """
     got = prediction.lower()
     best = 0.0
     for answer in answers:
@@ -305,7 +365,12 @@ def anls(prediction, answers, threshold=0.5):
 
 
 def box_iou(a, b):
-    """IoU of two (y_min, x_min, y_max, x_max) boxes."""
+    """IoU of two (y_min, x_min, y_max, x_max) boxes (0.0 for an empty union).
+
+    Args:
+        a: sequence of 4 numbers, the first box.
+        b: sequence of 4 numbers, the second box, in the same units.
+    """
     top, left = max(a[0], b[0]), max(a[1], b[1])
     bottom, right = min(a[2], b[2]), min(a[3], b[3])
     inter = max(bottom - top, 0) * max(right - left, 0)
@@ -315,7 +380,16 @@ def box_iou(a, b):
 
 def match_boxes(predicted, wanted, threshold=0.5):
     """How many `wanted` objects a `predicted` one of the same label covers
-    at IoU >= threshold, each used once (greedy, in prediction order)."""
+    at IoU >= threshold, each used once (greedy, in prediction order).
+
+    Args:
+        predicted: list of dicts with `box` and `label` (as `parse_detections`).
+        wanted: list of dicts with `box` and `label`, the true objects.
+        threshold: float, the least IoU of a match (default 0.5).
+
+    Returns:
+        int, the number of matched `wanted` objects.
+    """
     free = list(wanted)
     matched = 0
     for obj in predicted:
@@ -328,6 +402,15 @@ def match_boxes(predicted, wanted, threshold=0.5):
 
 
 def box_accuracy(prediction, answers, threshold=0.5):
+    """The share of the answer's boxes the prediction matches (`box_iou` metric).
+
+    An answer without boxes scores 1.0 only for a prediction without boxes.
+
+    Args:
+        prediction: str, the generated `<loc>` detection text.
+        answers: list of str; only the first, in the same `<loc>` format, is used.
+        threshold: float, the least IoU of a match (default 0.5).
+    """
     wanted = parse_detections(answers[0]) if answers else []
     if not wanted:
         return float(not parse_detections(prediction))
@@ -344,9 +427,17 @@ def mask_ious(predictions, true_masks, mask_decoder):
     An answer counts only if it starts with 4 `<loc>` and 16 `<seg>` tokens
     with a non-empty box; anything else scores 0. The decoded 64x64 mask is
     resized into the box cut to whole pixels of the true mask's image
-    (`task_outputs.paste_mask`). `true_masks`: boolean (height, width)
-    arrays; `mask_decoder`: a `MaskDecoder`. An empty true mask with an
-    empty prediction scores 1.
+    (`task_outputs.paste_mask`). An empty true mask with an empty
+    prediction scores 1.
+
+    Args:
+        predictions: list of str, the generated `segment` answers.
+        true_masks: list of bool arrays (H, W), one per prediction, in the
+            image's pixels.
+        mask_decoder: a `MaskDecoder` (codes (B, 16) to mask logits (B, 64, 64)).
+
+    Returns:
+        list of float IoUs, one per prediction.
     """
     if len(predictions) != len(true_masks):
         raise ValueError(f"{len(predictions)} predictions for {len(true_masks)} masks.")
@@ -400,7 +491,13 @@ METRICS = {
 
 def score(metric, predictions, answers):
     """`metric` (a name in `METRICS` or `CORPUS_METRICS`) over a data set:
-    the mean of the per-example scores, or the corpus score."""
+    the mean of the per-example scores, or the corpus score.
+
+    Args:
+        metric: str, a name in `METRICS` or `CORPUS_METRICS` (else a ValueError).
+        predictions: list of str, one per example.
+        answers: list of lists of str, each example's accepted answers.
+    """
     if metric not in METRICS and metric not in CORPUS_METRICS:
         raise ValueError(
             f"Unknown metric {metric!r}; choose one of {sorted({**METRICS, **CORPUS_METRICS})}."

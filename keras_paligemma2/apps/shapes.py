@@ -49,7 +49,11 @@ VOCABULARY_TEXTS = (
 def draw_scene(rng):
     """(uint8 image (224, 224, 3), objects): each object a dict with
     `shape`, `colour` and `box` (y_min, x_min, y_max, x_max) in pixels,
-    sorted left to right by centre."""
+    sorted left to right by centre.
+
+    Args:
+        rng: `numpy.random.Generator`, the source of every random choice.
+    """
     count = int(rng.integers(1, 4))
     objects = []
     while len(objects) < count:
@@ -93,16 +97,31 @@ def _apart(a, b, gap):
 
 
 def caption(objects):
+    """The `caption en` response: `colour shape` of each object, joined by " and ".
+
+    Args:
+        objects: list of object dicts as `draw_scene` gives (left to right).
+    """
     return " and ".join(f"{o['colour']} {o['shape']}" for o in objects)
 
 
 def detection(objects, shape):
+    """The `detect {shape}` response: `<loc>` tokens and label of each such object.
+
+    Args:
+        objects: list of object dicts as `draw_scene` gives (left to right).
+        shape: str, one of `SHAPES`.
+    """
     found = [{"box": o["box"], "label": shape} for o in objects if o["shape"] == shape]
     return format_detections(found, image_size=(SIZE, SIZE))
 
 
 def questions(objects):
-    """Every (task, prompt, response) the scene supports."""
+    """Every (task, prompt, response) the scene supports.
+
+    Args:
+        objects: list of object dicts as `draw_scene` gives.
+    """
     out = [("caption", "caption en", caption(objects))]
     for shape in SHAPES:
         same = [o for o in objects if o["shape"] == shape]
@@ -117,7 +136,15 @@ def training_examples(count, seed, task_weights=None):
     """`count` examples as a dict of `images` (uint8 array), `prompts`,
     `responses` and `tasks`: per image one task, drawn with `task_weights`
     (default equal) among those the scene supports, then one of its
-    questions uniformly."""
+    questions uniformly.
+
+    Args:
+        count: int, the number of examples.
+        seed: int or sequence of ints (what `numpy.random.default_rng` takes), the
+            seed of the whole data set.
+        task_weights: dict from task names (`TASKS`) to relative weights, or
+            None; tasks left out weigh 1.0.
+    """
     rng = np.random.default_rng(seed)
     weights = {t: (task_weights or {}).get(t, 1.0) for t in TASKS}
     images, prompts, responses, tasks = [], [], [], []
@@ -142,6 +169,13 @@ def evaluate(lm, count=300, seed=10_000, batch_size=64, max_new_tokens=24):
     Returns a dict: `caption` (exact match), `count`, `colour` (accuracy),
     `detection_recall` and `detection_precision` (a predicted box matches an
     unmatched true box of the asked shape at IoU >= 0.5, label included).
+
+    Args:
+        lm: a `PaliGemma2CausalLM` with a preprocessor (text in and out).
+        count: int, the number of scenes (default 300).
+        seed: int or sequence of ints, the scenes' seed (default 10,000).
+        batch_size: int, prompts per `generate` call (default 64).
+        max_new_tokens: int, the most tokens per reply (default 24).
     """
     rng = np.random.default_rng(seed)
     items = []

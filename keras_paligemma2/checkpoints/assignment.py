@@ -39,7 +39,14 @@ class Rule:
 
 
 def layer_slice(index):
-    """Selects one layer of a tensor stacked along a leading layer axis."""
+    """Selects one layer of a tensor stacked along a leading layer axis.
+
+    Args:
+        index: int, the layer's 0-based index on the leading axis.
+
+    Returns:
+        A function from an array (L, ...) to its row `index` (...).
+    """
     return lambda x: x[index]
 
 

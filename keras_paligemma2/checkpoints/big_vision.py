@@ -71,7 +71,14 @@ TOP_LEVEL = (
 
 
 def rules(config):
-    """The full table from big_vision keys to our variable paths."""
+    """The full table from big_vision keys to our variable paths.
+
+    Args:
+        config: dict, the backbone config (`PaliGemma2Backbone.get_config()`).
+
+    Returns:
+        A list of `Rule`s, one per variable of the backbone.
+    """
     table = [
         # big_vision keeps a leading batch axis of 1 on the position
         # embedding: (1, P, W).
@@ -96,7 +103,12 @@ def big_vision_name(variable_path):
     """The big_vision parameter name (no `params/`, layer axis dropped) of
     one of our variable paths, or None (LoRA adapters, quantisation scales:
     nothing big_vision has). Used where big_vision selects parameters by
-    name, e.g. its weight-decay mask."""
+    name, e.g. its weight-decay mask.
+
+    Args:
+        variable_path: str, a Keras variable path, e.g.
+            `decoder_block_3/attention/query/kernel` (a prefix before it is allowed).
+    """
     for ours, theirs in TOP_LEVEL:
         if variable_path == ours or variable_path.endswith("/" + ours):
             return theirs
@@ -111,7 +123,14 @@ def big_vision_name(variable_path):
 
 
 def strip_prefix(tensors):
-    """Drops the `params/` prefix the released files carry."""
+    """Drops the `params/` prefix the released files carry.
+
+    Args:
+        tensors: mapping from big_vision keys to `LazyTensor`s (or arrays).
+
+    Returns:
+        A new dict, keys without `params/` (unchanged if none has it).
+    """
     if any(k.startswith("params/") for k in tensors):
         return {
             k[len("params/") :] if k.startswith("params/") else k: v for k, v in tensors.items()
@@ -126,6 +145,15 @@ def infer_config(tensors, source_name):
     from the matching released size when the shapes are one of 3B/10B/28B
     (28B scales queries by 1/sqrt(144)), else from Gemma 2's defaults
     (query_pre_attn_scalar = head_dim, attention soft-cap 50).
+
+    Args:
+        tensors: mapping from big_vision keys (`params/` stripped) to
+            `LazyTensor`s; only shapes are read.
+        source_name: str, the checkpoint's path, for error messages.
+
+    Returns:
+        A dict of `PaliGemma2Backbone` constructor arguments; a
+        `CheckpointError` if the file is not a PaliGemma 2 checkpoint.
     """
     needed = {
         "img/embedding/kernel": 4,

@@ -58,7 +58,17 @@ def _explain(error, repo_id, what, command):
 
 
 def download_file(repo_id, filename, revision=None):
-    """One file of a Hub repository, from the cache or downloaded; its path."""
+    """One file of a Hub repository, from the cache or downloaded; its path.
+
+    Args:
+        repo_id: str, the Hub repository, e.g. "google/paligemma2-3b-pt-224".
+        filename: str, the file's path inside the repository.
+        revision: str or None, a branch, tag or commit (None: the default branch).
+
+    Returns:
+        str, the local path of the cached file; a `DownloadError` saying what
+        to do if it cannot be had.
+    """
     try:
         return huggingface_hub.hf_hub_download(
             repo_id=repo_id, filename=filename, revision=revision
@@ -68,7 +78,17 @@ def download_file(repo_id, filename, revision=None):
 
 
 def download_repository(repo_id, allow_patterns, revision=None):
-    """The files of a Hub repository matching `allow_patterns`; its directory."""
+    """The files of a Hub repository matching `allow_patterns`; its directory.
+
+    Args:
+        repo_id: str, the Hub repository, e.g. "google/paligemma2-3b-pt-224".
+        allow_patterns: iterable of str, glob patterns of the files to fetch.
+        revision: str or None, a branch, tag or commit (None: the default branch).
+
+    Returns:
+        str, the local snapshot directory; a `DownloadError` saying what to do
+        if the files cannot be had.
+    """
     try:
         return huggingface_hub.snapshot_download(
             repo_id=repo_id, allow_patterns=list(allow_patterns), revision=revision

@@ -38,6 +38,11 @@ TIED_OUTPUT = ("lm_head.weight", "text.lm_head.weight")
 
 
 def canonical_name(name):
+    """`name` with its vision/text/projector prefix replaced by the canonical one.
+
+    Args:
+        name: str, a tensor name as some transformers version saved it.
+    """
     for prefix, canonical in PREFIXES:
         if name.startswith(prefix):
             return canonical + name[len(prefix) :]
@@ -45,6 +50,11 @@ def canonical_name(name):
 
 
 def is_hf_directory(path):
+    """Whether `path` holds a `config.json` with `model_type` "paligemma".
+
+    Args:
+        path: str or path-like, a directory.
+    """
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         return False
@@ -57,7 +67,12 @@ def is_hf_directory(path):
 
 
 def read_tensors(directory):
-    """Maps canonical names to `LazyTensor`s over every `*.safetensors` file."""
+    """Maps canonical names to `LazyTensor`s over every `*.safetensors` file.
+
+    Args:
+        directory: str or path-like, an HF checkpoint directory (a
+            `CheckpointError` if it has no `*.safetensors`).
+    """
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
         raise CheckpointError(
@@ -73,7 +88,17 @@ def read_tensors(directory):
 
 
 def infer_config(hf_config, source_name):
-    """Our backbone config from HF's `config.json`, with HF's semantics."""
+    """Our backbone config from HF's `config.json`, with HF's semantics.
+
+    Args:
+        hf_config: dict, the parsed `config.json` (`text_config`,
+            `vision_config`, ...).
+        source_name: str, the directory or repository, for error messages.
+
+    Returns:
+        A dict of `PaliGemma2Backbone` constructor arguments; a
+        `CheckpointError` for missing fields or a non-Gemma 2 model.
+    """
     try:
         text = hf_config["text_config"]
         vision = hf_config["vision_config"]
@@ -139,7 +164,14 @@ def _rope_base(text):
 
 
 def rules(config):
-    """The full table from canonical HF names to our variable paths."""
+    """The full table from canonical HF names to our variable paths.
+
+    Args:
+        config: dict, the backbone config (`PaliGemma2Backbone.get_config()`).
+
+    Returns:
+        A list of `Rule`s, one per variable of the backbone.
+    """
     vit_width = config["vit_hidden_dim"]
     vit_heads = config["vit_num_heads"]
     vit_head_dim = vit_width // vit_heads

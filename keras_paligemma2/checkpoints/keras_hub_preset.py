@@ -63,11 +63,26 @@ DECODER_BLOCK = (
 
 
 def is_keras_hub_paligemma(backbone):
+    """Whether `backbone` is a keras-hub `PaliGemmaBackbone` (by class name).
+
+    Args:
+        backbone: any object, typically a keras-hub backbone.
+    """
     return type(backbone).__name__ == "PaliGemmaBackbone"
 
 
 def infer_config(keras_hub_config, source_name):
-    """Our backbone config from a keras-hub `PaliGemmaBackbone` config."""
+    """Our backbone config from a keras-hub `PaliGemmaBackbone` config.
+
+    Args:
+        keras_hub_config: dict, keras-hub's `get_config()` as saved in the
+            preset's `config.json` (its `"config"` entry).
+        source_name: str, the preset, for error messages.
+
+    Returns:
+        A dict of `PaliGemma2Backbone` constructor arguments; a
+        `CheckpointError` for a PaliGemma 1 preset.
+    """
     c = keras_hub_config
     if not (c.get("use_post_ffw_norm") and c.get("use_post_attention_norm")):
         raise CheckpointError(
@@ -114,6 +129,10 @@ def read_tensors(keras_hub_backbone, table=None):
     With the rule `table` that will read them, each variable's value is
     dropped after the last rule using it has read it (the keras-hub model is
     a temporary: this keeps one model's worth of memory, not two).
+
+    Args:
+        keras_hub_backbone: a keras-hub `PaliGemmaBackbone` with its weights loaded.
+        table: list of `Rule`s or None; None keeps every value (nothing released).
     """
     uses = collections.Counter(rule.source for rule in table or ())
 
@@ -132,7 +151,14 @@ def read_tensors(keras_hub_backbone, table=None):
 
 
 def rules(config):
-    """The full table from keras-hub variable paths to ours."""
+    """The full table from keras-hub variable paths to ours.
+
+    Args:
+        config: dict, the backbone config (`PaliGemma2Backbone.get_config()`).
+
+    Returns:
+        A list of `Rule`s, one per variable of the backbone.
+    """
     width = config["vit_hidden_dim"]
     heads = config["vit_num_heads"]
     head_dim = width // heads

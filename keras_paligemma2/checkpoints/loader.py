@@ -36,7 +36,17 @@ from keras_paligemma2.utils.tensor_files import read_npz_lazily
 
 
 def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
-    """`PaliGemma2Backbone.from_preset`: see its docstring."""
+    """`PaliGemma2Backbone.from_preset`: see its docstring.
+
+    Args:
+        cls: the class to build (`PaliGemma2Backbone` or a subclass).
+        preset: str or path-like, a preset name, checkpoint file, directory or
+            `kaggle://` handle.
+        load_weights: bool; False builds the architecture only.
+        source: None, "big_vision", "transformers" or "keras_hub"; for
+            registered names only.
+        **overrides: constructor arguments replacing the checkpoint's config.
+    """
     preset = _embedded(os.fspath(preset), source)
     _check_overrides(cls, overrides)
     if preset in presets.PRESETS:
@@ -232,7 +242,17 @@ def _check_matches_preset(config, expected, source_name, preset):
 
 
 def load_task(cls, preset, load_weights=True, source=None, **overrides):
-    """`PaliGemma2CausalLM.from_preset`: see its docstring."""
+    """`PaliGemma2CausalLM.from_preset`: see its docstring.
+
+    Args:
+        cls: the task class to build (`PaliGemma2CausalLM` or a subclass).
+        preset: str or path-like, as `load_backbone` takes.
+        load_weights: bool; False builds the architecture only.
+        source: None, "big_vision", "transformers" or "keras_hub"; for
+            registered names only.
+        **overrides: backbone constructor arguments replacing the checkpoint's
+            config; for this package's Keras presets also `preprocessor`.
+    """
     path = _embedded(os.fspath(preset), source)
     keras_preset = os.path.isdir(path) and _is_keras_preset(path) or "://" in path
     if keras_preset and _keras_preset_class(path) == cls.backbone_cls.__name__:

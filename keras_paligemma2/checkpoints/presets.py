@@ -166,7 +166,16 @@ def list_presets():
 
 def preset_config(name):
     """The backbone config of a registered or shipped preset name, or of a
-    Keras preset directory; else a ValueError."""
+    Keras preset directory; else a ValueError.
+
+    Args:
+        name: str, a name in `PRESETS` or `EMBEDDED`, or a directory with a
+            Keras `config.json`.
+
+    Returns:
+        A new dict of backbone constructor arguments (without Keras' `name`,
+        `trainable` and `dtype`).
+    """
 
     if name in PRESETS:
         return dict(PRESETS[name]["config"])
@@ -181,6 +190,11 @@ def preset_config(name):
 
 
 def unknown_preset_message(name):
+    """The error message for an unknown preset, with close names suggested.
+
+    Args:
+        name: str, the preset name or path that matched nothing.
+    """
     close = difflib.get_close_matches(name, list_presets(), n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return (
@@ -212,7 +226,14 @@ SHAPE_FIELDS = (
 
 
 def known_decoder(config):
-    """The name of the released decoder size whose shapes `config` has, or None."""
+    """The name of the released decoder size whose shapes `config` has, or None.
+
+    Args:
+        config: dict, a backbone config; only `DECODER_SHAPE_FIELDS` are read.
+
+    Returns:
+        "3b", "10b", "28b" or None.
+    """
     for size, decoder in DECODERS.items():
         if all(config.get(k) == decoder[k] for k in DECODER_SHAPE_FIELDS):
             return size

@@ -81,13 +81,19 @@ def plan(
             `max_new_tokens`, prefill activations), "lora" (rank
             `lora_rank` adapters on the decoder attention and MLP, Adam) or
             "full" (every weight trains, Adam).
-        batch_size: global batch; split over the data axis.
-        sequence_length: text tokens per example (image tokens come on top).
+        batch_size: int, global batch; split over the data axis.
+        sequence_length: int, text tokens per example (image tokens come on top).
         dtype: the weights' dtype ("bfloat16", "float32", or
             "mixed_bfloat16": float32 weights, bfloat16 compute).
         fsdp: shard weights over the data axis too; default True for
             training on a mesh with a data axis, False for inference.
+        lora_rank: int, the adapters' rank for mode "lora" (default 8).
         remat: training recomputes each block in the backward pass.
+        max_new_tokens: int, generated tokens the KV cache holds for mode
+            "inference" (default 64).
+
+    Returns:
+        A `Plan` of bytes per device.
 
     Parameter bytes are exact (the layouts of `layout_map`); activations are
     an estimate fitted to XLA's accounting (within 30% in the tests).
@@ -216,6 +222,22 @@ def auto_distribution(
     first whose plan fits `headroom` x `device_memory` bytes per device (by
     default the memory JAX reports for the first device). If none fits,
     raises a ValueError saying what would: more devices, LoRA, remat.
+
+    Args:
+        config: a backbone config dict or a registered preset name.
+        mode: "inference" (default), "lora" or "full", as `plan` takes.
+        batch_size: int, global batch (default 1); the data axis must divide it.
+        sequence_length: int, text tokens per example (default 64).
+        dtype: str, the weights' dtype as `plan` takes (default "bfloat16").
+        devices: list of Keras device names or None (every device).
+        device_memory: int or None, bytes per device; None asks JAX (its
+            `bytes_limit`; a ValueError where JAX does not report it).
+        headroom: float, the share of `device_memory` a plan may use (0.9).
+        **plan_kwargs: passed to `plan` (`lora_rank`, `fsdp`, `remat`,
+            `max_new_tokens`).
+
+    Returns:
+        `(keras.distribution.ModelParallel, Plan)` of the chosen mesh.
     """
 
     devices = list(devices or keras.distribution.list_devices())

@@ -39,33 +39,44 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
 
     Args:
         image_size: int, side of the square input image in pixels.
-        patch_size: int, ViT patch side (14).
-        vit_hidden_dim, vit_num_layers, vit_num_heads, vit_intermediate_dim:
-            SigLIP width (1152), depth (27), heads (16) and MLP size (4304).
-        vocabulary_size: int, rows of the token embedding (257,152).
+        vocabulary_size: int V, rows of the token embedding (257,152 for the
+            released checkpoints).
         num_layers: int, decoder blocks.
         hidden_dim: int, decoder width D.
-        num_query_heads, num_key_value_heads: ints N and K (N % K == 0).
+        num_query_heads: int N, query heads per decoder block.
+        num_key_value_heads: int K, key/value heads (grouped-query attention;
+            N % K == 0, else a ValueError).
         head_dim: int H.
         intermediate_dim: int F, width of *each* of the gate and up
             projections (keras-hub's `intermediate_dim` is 2F).
+        patch_size: int, ViT patch side (default 14); `image_size` must be a
+            multiple of it.
+        vit_hidden_dim: int, SigLIP width (default 1152).
+        vit_num_layers: int, SigLIP depth (default 27).
+        vit_num_heads: int, SigLIP attention heads (default 16).
+        vit_intermediate_dim: int, SigLIP MLP size (default 4304).
         query_pre_attn_scalar: float; queries are scaled by its inverse square
             root. head_dim for 3B/10B, hidden_dim / num_query_heads (144) for
             28B. Defaults to head_dim.
-        attention_logit_soft_cap: float or None (50 in Gemma 2).
-        final_logit_soft_cap: float or None; applied by the task to logits.
+        attention_logit_soft_cap: float or None (default 50, Gemma 2's); None
+            leaves attention logits uncapped.
+        final_logit_soft_cap: float or None (default None: no cap); applied
+            by the task to logits.
         final_logit_soft_cap_scope: which logits the final soft-cap applies
-            to: "all" (HF transformers, keras-hub: every logit, training and
+            to: "all" (default; HF transformers, keras-hub: every logit, training and
             scoring too) or "decode_steps" (big_vision's Gemma 2 code: only
             the logits of decode steps after the first generated token;
             never training, scoring or prefill logits).
-        sliding_window_size: int or None; window of the local (even) layers.
-        layer_norm_epsilon: float, RMSNorm epsilon of the decoder.
-        vit_layer_norm_epsilon: float, LayerNorm epsilon of the ViT.
+        sliding_window_size: int or None (default); window of the local (even)
+            layers; None gives every layer global attention.
+        layer_norm_epsilon: float, RMSNorm epsilon of the decoder (1e-6).
+        vit_layer_norm_epsilon: float, LayerNorm epsilon of the ViT (1e-6).
         rope_max_wavelength: float, RoPE base (10,000).
         num_images: int, images per example (1); with more, `images` is
             (B, num_images, S, S, 3) and their tokens come in order.
-        dtype: Keras dtype policy for variables and computation.
+        dtype: Keras dtype policy (or its name) for variables and computation;
+            None uses Keras' global policy.
+        **kwargs: passed to `keras_hub.models.Backbone` (`name`, `trainable`).
 
     Inputs: dict with `images` (B, image_size, image_size, 3) in [-1, 1],
     `token_ids` (B, T) int, `padding_mask` (B, T) (1 on real tokens) and
@@ -235,6 +246,19 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         `keras_paligemma2.models.layouts`). `fsdp=True` also shards weights over
         the data axis, for training.
 
+        Args:
+            device_mesh: `keras.distribution.DeviceMesh` with both `model_axis` and
+                `data_axis` among its axis names (else a ValueError).
+            config: dict of backbone constructor arguments, or a registered or
+                shipped preset name (or a Keras preset directory).
+            model_axis: str, the tensor-parallel mesh axis (default "model").
+            data_axis: str, the data-parallel mesh axis (default "batch").
+            fsdp: bool; also shard large weights over `data_axis` (default False).
+
+        Returns:
+            A `PathLayoutMap` (a `keras.distribution.LayoutMap` looked up by
+            exact variable path).
+
         Example:
         ```python
         import keras
@@ -253,7 +277,11 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
     @classmethod
     def weight_shapes(cls, config):
         """[(variable path, shape)] of every weight of a backbone with
-        `config` (a dict), found under `jax.eval_shape`: nothing allocated."""
+        `config` (a dict), found under `jax.eval_shape`: nothing allocated.
+
+        Args:
+            config: dict of backbone constructor arguments (`cls(**config)`).
+        """
         found = []
 
         def build():
@@ -266,13 +294,25 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
     def set_remat(self, enabled=True):
         """Recompute each decoder and ViT block in the backward pass (less
         activation memory, about a third more compute). Takes effect when
-        the training step is next traced (`compile` resets it)."""
+        the training step is next traced (`compile` resets it).
+
+        Args:
+            enabled: bool (default True); False keeps activations again.
+        """
         for block in list(self.decoder_blocks) + list(self.vision_encoder.blocks):
             block.remat = bool(enabled)
 
     @staticmethod
     def is_local_layer(index, sliding_window_size):
-        """Gemma 2 alternates local and global layers, starting local."""
+        """Gemma 2 alternates local and global layers, starting local.
+
+        Args:
+            index: int, the decoder block's 0-based index.
+            sliding_window_size: int or None; None means no local layers.
+
+        Returns:
+            bool, whether block `index` uses the sliding-window mask.
+        """
         return sliding_window_size is not None and index % 2 == 0
 
     def embed_images(self, images):
@@ -281,6 +321,10 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         Several images per example (B, n, S, S, 3) are encoded as one batch
         and their tokens concatenated in order, as big_vision does for
         multi-image and video-frame tasks.
+
+        Args:
+            images: float tensor (B, S, S, 3) in [-1, 1], or (B, num_images,
+                S, S, 3) when the backbone takes several images per example.
         """
         if self.num_images == 1:
             return self.image_projection(self.vision_encoder(images))
@@ -341,6 +385,12 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         place when complete, so an interrupted save never leaves a broken
         preset nor loses an existing one. Weights above `max_shard_size` GB
         are split into shards.
+
+        Args:
+            preset_dir: str or path-like, the directory to write (replaced if
+                it exists).
+            max_shard_size: int or float, the most GB per weights file
+                (default `DEFAULT_MAX_SHARD_SIZE_GB`).
         """
         with atomic_directory(preset_dir) as staging:
             keras_hub.models.Backbone.save_to_preset(self, staging, max_shard_size=max_shard_size)
@@ -368,6 +418,16 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
 
         `overrides` replace config values (e.g. `dtype="bfloat16"`,
         `query_pre_attn_scalar=144`), for what tensor shapes cannot tell.
+
+        Args:
+            preset: str or path-like, a preset name, checkpoint file, directory
+                or `kaggle://` handle, as above.
+            load_weights: bool (default True); False builds the architecture
+                with freshly initialised weights.
+            source: None (default "big_vision"), "big_vision", "transformers"
+                or "keras_hub"; for registered names only (else a ValueError).
+            **overrides: backbone constructor arguments replacing the
+                checkpoint's config (unknown names are a ValueError).
         """
 
         return load_backbone(cls, preset, load_weights=load_weights, source=source, **overrides)
@@ -377,7 +437,15 @@ _BACKBONE_INPUTS = ("images", "token_ids", "padding_mask", "response_mask")
 
 
 def validate_backbone_inputs(inputs, image_size, num_images=1):
-    """Raises a ValueError naming what is wrong with a backbone input dict."""
+    """Raises a ValueError naming what is wrong with a backbone input dict.
+
+    Args:
+        inputs: dict with exactly `images`, `token_ids`, `padding_mask` and
+            `response_mask` (arrays or symbolic tensors, as the backbone takes).
+        image_size: int S; `images` must be S x S.
+        num_images: int, images per example (1: `images` is (B, S, S, 3); more:
+            (B, num_images, S, S, 3)).
+    """
     if not isinstance(inputs, dict):
         raise ValueError(
             "PaliGemma2Backbone takes a dict with keys "

@@ -48,6 +48,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         preprocessor: None, or a preprocessor that turns raw images and text
             into backbone inputs. A task loaded from a checkpoint without a
             tokenizer has none and is called on backbone inputs directly.
+        **kwargs: passed to `keras_hub.models.CausalLM` (`name`, `trainable`).
 
     Example:
     ```python
@@ -89,10 +90,18 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
     def text_logits(self, text_hidden, decode_step=False, soft_cap=True):
         """Tied-embedding logits in float32, soft-capped when configured.
 
-        `decode_step`: the logits of a decode step after the first generated
-        token, the only ones big_vision caps (scope "decode_steps").
-        `soft_cap=False` skips the cap where only the argmax is used (greedy
-        decoding): tanh is increasing, so the argmax is the same.
+        Args:
+            text_hidden: float tensor (B, T, D), final-norm hidden states of
+                the text positions.
+            decode_step: bool (default False); True for the logits of a decode
+                step after the first generated token, the only ones big_vision
+                caps (scope "decode_steps").
+            soft_cap: bool (default True); False skips the cap where only the
+                argmax is used (greedy decoding): tanh is increasing, so the
+                argmax is the same.
+
+        Returns:
+            Logits (B, T, V), float32.
         """
         logits = self.backbone.token_embedding(text_hidden, reverse=True)
         cap = self.backbone.final_logit_soft_cap
@@ -245,22 +254,63 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         return texts if many else texts[0]
 
     def caption(self, images, language="en", **kwargs):
-        """`caption {language}`: a short caption of each image."""
+        """`caption {language}`: a short caption of each image.
+
+        Args:
+            images: one image (a path, encoded bytes, a PIL image or an array
+                (H, W, 3), uint8 or float) or a list of them; a list gives a list
+                of replies.
+            language: str, the caption language code (default "en").
+            **kwargs: passed to `generate` (`max_new_tokens`, sampling, ...).
+
+        Returns:
+            The caption (str), or a list of them for a list of images.
+        """
         return self._ask(images, f"caption {language}", **kwargs)
 
     def answer(self, images, question, language="en", **kwargs):
-        """`answer {language} {question}`."""
+        """`answer {language} {question}`: the answer about each image.
+
+        Args:
+            images: one image (a path, encoded bytes, a PIL image or an array
+                (H, W, 3), uint8 or float) or a list of them; a list gives a list
+                of replies.
+            question: str, the question (the same for every image).
+            language: str, the language code of question and answer (default "en").
+            **kwargs: passed to `generate` (`max_new_tokens`, sampling, ...).
+
+        Returns:
+            The answer (str), or a list of them for a list of images.
+        """
         return self._ask(images, f"answer {language} {question}", **kwargs)
 
     def ocr(self, images, **kwargs):
-        """`ocr`: the text in each image."""
+        """`ocr`: the text in each image.
+
+        Args:
+            images: one image (a path, encoded bytes, a PIL image or an array
+                (H, W, 3), uint8 or float) or a list of them; a list gives a list
+                of replies.
+            **kwargs: passed to `generate` (`max_new_tokens`, sampling, ...).
+
+        Returns:
+            The text (str), or a list of them for a list of images.
+        """
         return self._ask(images, "ocr", **kwargs)
 
     def detect(self, images, labels, **kwargs):
         """`detect a ; b`: objects with pixel boxes in each image's own size.
 
-        Returns a list of `{"box": (y_min, x_min, y_max, x_max), "label"}`
-        per image (a list of lists for a list of images).
+        Args:
+            images: one image (a path, encoded bytes, a PIL image or an array
+                (H, W, 3), uint8 or float) or a list of them; a list gives a list
+                of replies.
+            labels: str or list of str, the object classes to find.
+            **kwargs: passed to `generate` (`max_new_tokens`, sampling, ...).
+
+        Returns:
+            A list of `{"box": (y_min, x_min, y_max, x_max), "label"}` per
+            image (a list of lists for a list of images).
         """
 
         labels = [labels] if isinstance(labels, str) else list(labels)
@@ -275,8 +325,19 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         """`segment {label}`: objects with pixel boxes and boolean masks.
 
         Args:
+            images: one image (a path, encoded bytes, a PIL image or an array
+                (H, W, 3), uint8 or float) or a list of them; a list gives a list
+                of replies.
+            label: str, the object class to segment.
             mask_decoder: a `MaskDecoder`, or the path of big_vision's
                 `vae-oid.npz`.
+            **kwargs: passed to `generate` (`max_new_tokens` defaults to 64).
+
+        Returns:
+            A list of objects per image (a list of lists for a list of images):
+            those of the reply with segmentation tokens, each `{"box", "label"}`
+            as `detect` gives plus `"codes"` (16 ints) and `"mask"`, a bool
+            (H, W) array in the image's own size.
         """
 
         if not isinstance(mask_decoder, MaskDecoder):
@@ -301,6 +362,13 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         backbone inputs plus nothing else: `images`, `token_ids`,
         `padding_mask` and `response_mask` (1 on response tokens and
         `<eos>`), as the preprocessor lays them out.
+
+        Args:
+            inputs: dict, raw `{"images", "prompts", "responses"}` (with a
+                preprocessor) or backbone inputs, each (B, T) but `images`
+                (B, S, S, 3) (without one).
+            per_token: bool (default False); True returns the per-token
+                log-probabilities instead of their sum.
 
         Returns:
             (B,) summed log-probability of each response including `<eos>`,
@@ -397,6 +465,25 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         inputs with labels and sample weights (what the preprocessor makes).
         `validation_data` takes the same forms. A loss that stops being
         finite stops training with an error naming the step.
+
+        Args:
+            x: raw examples (dict of `images`, `prompts`, `responses`), a
+                `tf.data.Dataset` or generator of such batches, or backbone
+                inputs as `keras.Model.fit` takes them.
+            y: labels (B, T) for backbone inputs; None with raw examples.
+            batch_size: int or None; for a raw dict, examples per batch
+                (default 32); otherwise as in Keras.
+            shuffle: bool (default True); raw dicts are shuffled per epoch
+                from `seed`, plain arrays by Keras, datasets and generators
+                never.
+            seed: int (default 0), the shuffle seed of raw examples.
+            validation_data: None, or data in any form `x` takes (not shuffled).
+            callbacks: list of `keras.callbacks.Callback` or None; a
+                `StopOnNonFiniteLoss` is added unless one is given.
+            **kwargs: passed to `keras.Model.fit` (`epochs`, `steps_per_epoch`, ...).
+
+        Returns:
+            The `keras.callbacks.History` of the run.
         """
 
         callbacks = list(callbacks or [])
@@ -424,7 +511,16 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         )
 
     def evaluate(self, x=None, y=None, batch_size=None, **kwargs):
-        """`keras.Model.evaluate`, taking raw examples as `fit` does."""
+        """`keras.Model.evaluate`, taking raw examples as `fit` does.
+
+        Args:
+            x: raw examples, a dataset or generator of them, or backbone
+                inputs, as `fit` takes them (never shuffled).
+            y: labels (B, T) for backbone inputs; None with raw examples.
+            batch_size: int or None; for a raw dict, examples per batch
+                (default 32); otherwise as in Keras.
+            **kwargs: passed to `keras.Model.evaluate` (`steps`, `return_dict`, ...).
+        """
         x, batch_size, _ = self._training_data(x, y, batch_size, False, 0)
         return keras.Model.evaluate(self, x=x, y=y, batch_size=batch_size, **kwargs)
 
@@ -469,18 +565,31 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         lora.merge_lora(self.backbone)
 
     def save_lora_weights(self, path):
-        """Saves the LoRA adapters by variable path (`.safetensors`, atomic)."""
+        """Saves the LoRA adapters by variable path (`.safetensors`, atomic).
+
+        Args:
+            path: str or path-like, the `.safetensors` file to write.
+        """
 
         lora.save_lora_weights(self.backbone, path)
 
     def load_lora_weights(self, path):
-        """Loads adapters into a model with the same `enable_lora` call made."""
+        """Loads adapters into a model with the same `enable_lora` call made.
+
+        Args:
+            path: str or path-like, a file written by `save_lora_weights`.
+        """
 
         lora.load_lora_weights(self.backbone, path)
 
     def set_trainable(self, recipe):
         """Freezing recipe for full fine-tuning: "attention_only" (big_vision's
-        colab), "decoder_only" (image encoder frozen) or "all"."""
+        colab), "decoder_only" (image encoder frozen) or "all".
+
+        Args:
+            recipe: str, one of "attention_only", "decoder_only", "all"
+                (else a ValueError; also one while LoRA adapters are present).
+        """
 
         lora.set_trainable(self.backbone, recipe)
 
@@ -490,7 +599,14 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
 
     def save_to_preset(self, preset_dir, max_shard_size=DEFAULT_MAX_SHARD_SIZE_GB):
         """Writes the task (backbone, preprocessor, tokenizer assets) as a
-        Keras preset, atomically, as `PaliGemma2Backbone.save_to_preset`."""
+        Keras preset, atomically, as `PaliGemma2Backbone.save_to_preset`.
+
+        Args:
+            preset_dir: str or path-like, the directory to write (replaced if
+                it exists).
+            max_shard_size: int or float, the most GB per weights file
+                (default `DEFAULT_MAX_SHARD_SIZE_GB`).
+        """
         with atomic_directory(preset_dir) as staging:
             keras_hub.models.CausalLM.save_to_preset(self, staging, max_shard_size=max_shard_size)
 
@@ -502,6 +618,16 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         that carry no tokenizer give a task without a preprocessor, called on
         backbone inputs (`images`, `token_ids`, `padding_mask`,
         `response_mask`).
+
+        Args:
+            preset: str or path-like, as `PaliGemma2Backbone.from_preset` takes.
+            load_weights: bool (default True); False builds the architecture
+                with freshly initialised weights (the tokenizer is still loaded).
+            source: None (default "big_vision"), "big_vision", "transformers"
+                or "keras_hub"; for registered names only.
+            **overrides: backbone constructor arguments replacing the
+                checkpoint's config; for a Keras preset of this package, also
+                `preprocessor` (a preprocessor, or None) replacing the saved one.
         """
 
         return load_task(cls, preset, load_weights=load_weights, source=source, **overrides)

@@ -23,6 +23,10 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     on from the next epoch; with `RawBatches` (whose batches depend only on
     the epoch number) the finished run has the same weights as an
     uninterrupted one. Use `steps_per_epoch` to checkpoint more often.
+
+    Args:
+        directory: str or path-like, where `state.safetensors` and
+            `progress.json` are kept (created at the first save).
     """
 
     def __init__(self, directory):
@@ -52,6 +56,11 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             return int(json.load(f)["epoch"])
 
     def on_train_begin(self, logs=None):
+        """Restores the saved state, if any, and sets `fit`'s initial epoch.
+
+        Args:
+            logs: dict or None, from Keras (unused).
+        """
         epoch = self.completed_epochs()
         if not epoch:
             return
@@ -60,6 +69,12 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         print(f"Resumed from {self.directory} after epoch {epoch}.")
 
     def on_epoch_end(self, epoch, logs=None):
+        """Saves the state unless the epoch's loss is not finite.
+
+        Args:
+            epoch: int, the epoch just finished (0-based).
+            logs: dict of the epoch's metrics, from Keras (`loss` is checked).
+        """
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             return
@@ -78,9 +93,21 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         self._epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
+        """Remembers the epoch, for the error message.
+
+        Args:
+            epoch: int, the epoch starting (0-based).
+            logs: dict or None, from Keras (unused).
+        """
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
+        """Raises a FloatingPointError if the loss is NaN or infinite.
+
+        Args:
+            batch: int, the step just finished within the epoch (0-based).
+            logs: dict of the step's metrics, from Keras (`loss` is checked).
+        """
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise FloatingPointError(
@@ -93,11 +120,21 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 
 class EpochOrder(keras.callbacks.Callback):
-    """Tells a `RawBatches` which epoch is starting (its shuffle order)."""
+    """Tells a `RawBatches` which epoch is starting (its shuffle order).
+
+    Args:
+        batches: the `RawBatches` whose `epoch` to set.
+    """
 
     def __init__(self, batches):
         super().__init__()
         self.batches = batches
 
     def on_epoch_begin(self, epoch, logs=None):
+        """Sets `batches.epoch`.
+
+        Args:
+            epoch: int, the epoch starting (0-based).
+            logs: dict or None, from Keras (unused).
+        """
         self.batches.epoch = epoch

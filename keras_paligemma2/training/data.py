@@ -22,6 +22,16 @@ class RawBatches(keras.utils.PyDataset):
     is the same in every run, a resumed one included. The last incomplete
     batch is dropped when shuffling. Batches are made in order, in the
     training thread (`workers=1`), so none is made before its epoch is set.
+
+    Args:
+        preprocessor: the task's preprocessor, turning a raw batch into
+            `(x, y, sample_weight)`.
+        examples: dict of `images`, `prompts` and `responses`, one entry per
+            example (a ValueError if lengths differ, keys lack or it is empty).
+        batch_size: int, examples per batch (default 32; None also gives 32).
+        shuffle: bool (default True); False keeps the given order and the
+            last, smaller batch.
+        seed: int (default 0), with the epoch number, the shuffle order.
     """
 
     def __init__(self, preprocessor, examples, batch_size=32, shuffle=True, seed=0):
@@ -54,7 +64,14 @@ class RawBatches(keras.utils.PyDataset):
         return math.ceil(self.count / self.batch_size)
 
     def order(self, epoch):
-        """The example order of `epoch` (computed once per epoch)."""
+        """The example order of `epoch` (computed once per epoch).
+
+        Args:
+            epoch: int, the epoch (0-based).
+
+        Returns:
+            int array (count,), the example indices in visiting order.
+        """
         if getattr(self, "_order", (None,))[0] != epoch:
             rows = np.arange(self.count)
             if self.shuffle:
@@ -80,6 +97,18 @@ def preprocessed_dataset(data, preprocessor, image_rank=4):
     Batches that are already `(x, y, sample_weight)` pass through. In a
     `tf.data` pipeline the preprocessor (NumPy and SentencePiece) runs as a
     `tf.numpy_function`; strings arrive as bytes and are decoded as UTF-8.
+
+    Args:
+        data: a `tf.data.Dataset` or a generator yielding dicts of `images`,
+            `prompts` and `responses` (one batch each), or `(x, y,
+            sample_weight)` batches.
+        preprocessor: the task's preprocessor, or None (then raw batches are a
+            ValueError).
+        image_rank: int, the rank of the preprocessed `images` (4: (B, S, S, 3);
+            5 with several images per example).
+
+    Returns:
+        A dataset, or a generator, of `(x, y, sample_weight)` batches.
     """
     if inspect.isgenerator(data):
         return (_preprocess_raw(preprocessor, batch) for batch in data)

@@ -27,7 +27,12 @@ RECIPES = ("attention_only", "decoder_only", "all")
 
 
 def projection_layers(backbone, group):
-    """The projection layers of one group, in a fixed order."""
+    """The projection layers of one group, in a fixed order.
+
+    Args:
+        backbone: a `PaliGemma2Backbone`.
+        group: str, one of `LORA_GROUPS` (else a ValueError).
+    """
     if group == "attention":
         return [
             layer
@@ -67,7 +72,15 @@ def projection_layers(backbone, group):
 def enable_lora(backbone, rank, alpha=None, targets=DEFAULT_LORA_TARGETS):
     """Freezes every weight and adds trainable rank-`rank` adapters to the
     projections of `targets`; the update is scaled by `alpha / rank`
-    (alpha defaults to rank)."""
+    (alpha defaults to rank).
+
+    Args:
+        backbone: a `PaliGemma2Backbone`, without adapters on those layers yet.
+        rank: int >= 1, the adapters' rank.
+        alpha: float or None; None means `rank` (a scale of 1).
+        targets: str or sequence of `LORA_GROUPS` names (default "attention"
+            and "mlp").
+    """
     if isinstance(targets, str):
         targets = (targets,)
     unknown = [t for t in targets if t not in LORA_GROUPS]
@@ -96,11 +109,21 @@ def _freeze_every_variable(backbone):
 
 
 def lora_variables(backbone):
+    """The LoRA adapter variables (`lora_kernel_a` / `_b`) of `backbone`.
+
+    Args:
+        backbone: a `PaliGemma2Backbone`.
+    """
     return [v for v in backbone.variables if "lora_kernel" in v.path]
 
 
 def save_lora_weights(backbone, path):
-    """Writes the adapters (by variable path) to a `.safetensors` file."""
+    """Writes the adapters (by variable path) to a `.safetensors` file.
+
+    Args:
+        backbone: a `PaliGemma2Backbone` with LoRA enabled (else a ValueError).
+        path: str or path-like, the file to write (atomically).
+    """
     variables = lora_variables(backbone)
     if not variables:
         raise ValueError("This model has no LoRA adapters; call enable_lora() first.")
@@ -109,7 +132,12 @@ def save_lora_weights(backbone, path):
 
 def load_lora_weights(backbone, path):
     """Loads adapters saved by `save_lora_weights` into a model on which
-    `enable_lora` was called with the same rank and targets."""
+    `enable_lora` was called with the same rank and targets.
+
+    Args:
+        backbone: a `PaliGemma2Backbone` with LoRA enabled (else a ValueError).
+        path: str or path-like, a file written by `save_lora_weights`.
+    """
     variables = lora_variables(backbone)
     if not variables:
         raise ValueError(
@@ -125,6 +153,10 @@ def merge_lora(backbone):
 
     Float kernels only: an int8-quantised base keeps its adapters (merging
     them would need requantising); generate with the adapters in place.
+
+    Args:
+        backbone: a `PaliGemma2Backbone`; a no-op (but for making it
+            trainable) without adapters.
     """
     for layer in _lora_layers(backbone):
         if layer.quantization_mode is not None:
@@ -155,7 +187,12 @@ def _lora_layers(backbone):
 
 
 def set_trainable(backbone, recipe):
-    """Applies a freezing recipe: "attention_only", "decoder_only" or "all"."""
+    """Applies a freezing recipe: "attention_only", "decoder_only" or "all".
+
+    Args:
+        backbone: a `PaliGemma2Backbone` without LoRA adapters (else a ValueError).
+        recipe: str, one of `RECIPES` (else a ValueError).
+    """
     if recipe not in RECIPES:
         raise ValueError(f"Unknown recipe {recipe!r}; choose from {RECIPES}.")
     if lora_variables(backbone):

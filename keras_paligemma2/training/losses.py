@@ -21,6 +21,14 @@ def reduce_over_responses(values, weights, normalization):
     mean over the batch, so an example without supervised tokens adds 0 and
     still counts in the mean. "per_token": one weighted mean over every
     token of the batch (long responses weigh more).
+
+    Args:
+        values: float tensor (B, T), per-token values (losses, or 0/1 hits).
+        weights: float tensor (B, T), 1 on supervised tokens, 0 elsewhere.
+        normalization: str, "per_example" or "per_token".
+
+    Returns:
+        A float scalar.
     """
     weighted = values * weights
     if normalization == "per_token":
@@ -46,6 +54,8 @@ class ResponseCrossEntropy(keras.losses.Loss):
             batch mean) or "per_token" (the batch's supervised tokens pooled
             into one mean).
         name: str, the loss name.
+        **kwargs: passed to `keras.losses.Loss` (`dtype`); a `reduction` is
+            dropped, as `normalization` decides.
     """
 
     def __init__(
@@ -64,7 +74,15 @@ class ResponseCrossEntropy(keras.losses.Loss):
         self.normalization = normalization
 
     def call(self, y_true, y_pred):
-        """Per-token losses (B, T), before weighting."""
+        """Per-token losses (B, T), before weighting.
+
+        Args:
+            y_true: int tensor (B, T), the next-token labels.
+            y_pred: float tensor (B, T, V), the logits (any float dtype).
+
+        Returns:
+            float32 tensor (B, T), the smoothed cross-entropy of each token.
+        """
         logits = ops.cast(y_pred, "float32")
         log_normaliser = ops.logsumexp(logits, axis=-1)
         labels = ops.expand_dims(ops.cast(y_true, "int32"), -1)
@@ -101,7 +119,8 @@ class ResponseAccuracy(keras.metrics.Metric):
     Args:
         normalization: "per_example" or "per_token", as
             `ResponseCrossEntropy`.
-        name: str, the metric name.
+        name: str, the metric name (default "accuracy").
+        **kwargs: passed to `keras.metrics.Metric` (`dtype`).
     """
 
     def __init__(self, normalization="per_example", name="accuracy", **kwargs):
@@ -112,6 +131,14 @@ class ResponseAccuracy(keras.metrics.Metric):
         self.count = self.add_variable(shape=(), initializer="zeros", name="count")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
+        """Adds one batch to the running accuracy.
+
+        Args:
+            y_true: int tensor (B, T), the next-token labels.
+            y_pred: float tensor (B, T, V), the logits.
+            sample_weight: float tensor (B, T) or None, the response mask;
+                None counts every token.
+        """
         correct = ops.cast(
             ops.equal(ops.argmax(y_pred, axis=-1), ops.cast(y_true, "int32")), "float32"
         )

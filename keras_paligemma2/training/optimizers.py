@@ -11,7 +11,12 @@ from keras_paligemma2.checkpoints.big_vision import big_vision_name
 
 def big_vision_warmup_steps(total_steps, warmup_fraction):
     """Warmup steps as big_vision's `utils.steps("warmup", ...)` counts a
-    `warmup_percent`: rounded (half to even), at least 1 when non-zero."""
+    `warmup_percent`: rounded (half to even), at least 1 when non-zero.
+
+    Args:
+        total_steps: int, the number of updates.
+        warmup_fraction: float in [0, 1), the warmup share of `total_steps`.
+    """
     steps = total_steps * warmup_fraction
     return max(1, round(steps)) if steps else 0
 
@@ -45,6 +50,14 @@ class BigVisionSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_steps = warmup_steps
 
     def multiplier(self, step):
+        """big_vision's schedule multiplier at `step`, without the peak.
+
+        Args:
+            step: int or int tensor, the update count c (0-based).
+
+        Returns:
+            float32 scalar tensor in [0, 1].
+        """
         step = ops.cast(step, "float32")
         warmup = float(self.warmup_steps)
         progress = (step - warmup) / float(self.total_steps - warmup or 1)
@@ -63,7 +76,16 @@ class BigVisionSchedule(keras.optimizers.schedules.LearningRateSchedule):
 def big_vision_schedule(total_steps, learning_rate=3e-5, warmup_fraction=0.05):
     """Linear warmup over `warmup_fraction` of the steps, then cosine to 0,
     as big_vision's PaliGemma transfer configs (`decay_type="cosine"`,
-    `warmup_percent`)."""
+    `warmup_percent`).
+
+    Args:
+        total_steps: int, the number of updates.
+        learning_rate: float, the peak rate (default 3e-5).
+        warmup_fraction: float, big_vision's `warmup_percent` (default 0.05).
+
+    Returns:
+        A `BigVisionSchedule`.
+    """
     return BigVisionSchedule(
         total_steps, learning_rate, big_vision_warmup_steps(int(total_steps), warmup_fraction)
     )
@@ -111,7 +133,10 @@ class BigVisionAdam(keras.optimizers.Optimizer):
         gradient_accumulation_steps: int or None; updates then happen every
             that many steps, with the mean gradient, and the schedule counts
             updates.
-        name: str.
+        name: str (default "big_vision_adam").
+        **kwargs: passed to `keras.optimizers.Optimizer` (e.g. `use_ema`,
+            `loss_scale_factor`); `clipnorm`, `clipvalue` and
+            `weight_decay_decouple` are a ValueError.
     """
 
     def __init__(
@@ -159,7 +184,11 @@ class BigVisionAdam(keras.optimizers.Optimizer):
         self.epsilon_root = epsilon_root
 
     def decay_multiplier(self, variable):
-        """The weight-decay multiplier of `variable` (0: not decayed)."""
+        """The weight-decay multiplier of `variable` (0: not decayed).
+
+        Args:
+            variable: a Keras variable of the model (its `path` is matched).
+        """
         if callable(self.weight_decay_mults):
             return float(self.weight_decay_mults(variable))
         name = big_vision_name(variable.path)
@@ -195,6 +224,15 @@ class BigVisionAdam(keras.optimizers.Optimizer):
         ]
 
     def update_step(self, gradient, variable, learning_rate):
+        """One Adam update of `variable`, with decoupled, scheduled decay.
+
+        Args:
+            gradient: tensor shaped as `variable`, clipped (and averaged when
+                accumulating) by Keras.
+            variable: the Keras variable to update.
+            learning_rate: the schedule's current rate, from Keras; unused
+                (the peak rate and `schedule.multiplier` are applied apart).
+        """
         dtype = variable.dtype
         gradient = ops.cast(gradient, dtype)
         # Updates so far (on JAX, Keras restores `iterations` with the other
@@ -244,5 +282,9 @@ def big_vision_optimizer(total_steps, **kwargs):
     `wd` decoupled and scaled by the schedule). Keyword arguments as
     `BigVisionAdam` (`learning_rate`, `warmup_fraction`, `weight_decay`,
     `weight_decay_mults`, `gradient_accumulation_steps`, ...).
+
+    Args:
+        total_steps: int, the number of updates (the schedule's length).
+        **kwargs: passed to `BigVisionAdam`.
     """
     return BigVisionAdam(total_steps, **kwargs)
