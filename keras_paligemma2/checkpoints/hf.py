@@ -87,6 +87,35 @@ def read_tensors(directory):
     return tensors
 
 
+# transformers' defaults for the fields PaliGemma 2 configs use:
+# `Gemma2Config` (text), `SiglipVisionConfig` (vision), `PaliGemmaConfig`.
+GEMMA2_CONFIG_DEFAULTS = dict(
+    hidden_size=2304,
+    num_attention_heads=8,
+    num_hidden_layers=26,
+    num_key_value_heads=4,
+    head_dim=256,
+    intermediate_size=9216,
+    query_pre_attn_scalar=256,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    sliding_window=4096,
+    rms_norm_eps=1e-6,
+    rope_theta=10_000.0,
+    vocab_size=256_000,
+)
+SIGLIP_VISION_CONFIG_DEFAULTS = dict(
+    image_size=224,
+    patch_size=16,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    layer_norm_eps=1e-6,
+)
+PALIGEMMA_IMAGE_TOKEN_INDEX = 256_000
+
+
 def infer_config(hf_config, source_name):
     """Our backbone config from HF's `config.json`, with HF's semantics.
 
@@ -100,10 +129,12 @@ def infer_config(hf_config, source_name):
         `CheckpointError` for missing fields or a non-Gemma 2 model.
     """
     try:
-        text = hf_config["text_config"]
-        vision = hf_config["vision_config"]
-        hidden = text["hidden_size"]
-        num_heads = text["num_attention_heads"]
+        # A field a config.json leaves out takes the value of transformers'
+        # own config classes (tests/fixtures/hf_config_defaults, resolved by
+        # transformers 5.24): files written as a diff against those defaults
+        # omit exactly the fields equal to them.
+        text = {**GEMMA2_CONFIG_DEFAULTS, **hf_config["text_config"]}
+        vision = {**SIGLIP_VISION_CONFIG_DEFAULTS, **hf_config["vision_config"]}
         config = dict(
             image_size=vision["image_size"],
             patch_size=vision["patch_size"],
@@ -111,18 +142,18 @@ def infer_config(hf_config, source_name):
             vit_num_layers=vision["num_hidden_layers"],
             vit_num_heads=vision["num_attention_heads"],
             vit_intermediate_dim=vision["intermediate_size"],
-            vit_layer_norm_epsilon=vision.get("layer_norm_eps", 1e-6),
+            vit_layer_norm_epsilon=vision["layer_norm_eps"],
             num_layers=text["num_hidden_layers"],
-            hidden_dim=hidden,
-            num_query_heads=num_heads,
+            hidden_dim=text["hidden_size"],
+            num_query_heads=text["num_attention_heads"],
             num_key_value_heads=text["num_key_value_heads"],
-            head_dim=text.get("head_dim", hidden // num_heads),
+            head_dim=text["head_dim"],
             intermediate_dim=text["intermediate_size"],
-            query_pre_attn_scalar=text.get("query_pre_attn_scalar"),
-            attention_logit_soft_cap=text.get("attn_logit_softcapping"),
-            final_logit_soft_cap=text.get("final_logit_softcapping"),
-            sliding_window_size=text.get("sliding_window"),
-            layer_norm_epsilon=text.get("rms_norm_eps", 1e-6),
+            query_pre_attn_scalar=text["query_pre_attn_scalar"],
+            attention_logit_soft_cap=text["attn_logit_softcapping"],
+            final_logit_soft_cap=text["final_logit_softcapping"],
+            sliding_window_size=text["sliding_window"],
+            layer_norm_epsilon=text["rms_norm_eps"],
             rope_max_wavelength=_rope_base(text),
         )
     except KeyError as error:
@@ -150,8 +181,12 @@ def infer_config(hf_config, source_name):
             )
     # The Hub files pad the embedding past the vocabulary: the `<image>`
     # placeholder and unused rows. Logits cover the real vocabulary only.
-    vocabulary = text.get("vocab_size", hf_config.get("vocab_size"))
-    image_token = hf_config.get("image_token_index", hf_config.get("image_token_id"))
+    vocabulary = hf_config["text_config"].get(
+        "vocab_size", hf_config.get("vocab_size", text["vocab_size"])
+    )
+    image_token = hf_config.get(
+        "image_token_index", hf_config.get("image_token_id", PALIGEMMA_IMAGE_TOKEN_INDEX)
+    )
     if image_token is not None and image_token < vocabulary:
         vocabulary = image_token
     config["vocabulary_size"] = vocabulary

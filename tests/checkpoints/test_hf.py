@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 from keras_paligemma2 import CheckpointError
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
+from keras_paligemma2.checkpoints import hf
 
 NUM_IMAGE_TOKENS = 9
 # The fixture's vocabulary is 1030 with the `<image>` placeholder at 1029;
@@ -243,3 +244,37 @@ def test_generation_past_the_window_equals_hf(window_lm, window_reference, name)
     # float32 on both sides, two programs (torch, XLA) summing in different
     # orders: a few ulps of the largest logit (|logit| ~ 12 here, 1 ulp ~ 1e-6).
     assert np.abs(out["logits"] - want).max() < 2e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("case", ["bare", "sparse_3b"])
+def test_fields_a_config_leaves_out_take_transformers_defaults(fixtures_dir, case):
+    """transformers' config classes fill what a config.json omits (files
+    written as a diff against them omit exactly those fields): head_dim 256,
+    both soft-caps, the window... (resolved by transformers itself)."""
+    directory = fixtures_dir / "hf_config_defaults"
+    raw = json.loads((directory / case / "config.json").read_text())
+    want = json.loads((directory / "resolved.json").read_text())[case]
+    text, vision = want["text"], want["vision"]
+    assert hf.infer_config(raw, case) == dict(
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        vit_hidden_dim=vision["hidden_size"],
+        vit_num_layers=vision["num_hidden_layers"],
+        vit_num_heads=vision["num_attention_heads"],
+        vit_intermediate_dim=vision["intermediate_size"],
+        vit_layer_norm_epsilon=vision["layer_norm_eps"],
+        num_layers=text["num_hidden_layers"],
+        hidden_dim=text["hidden_size"],
+        num_query_heads=text["num_attention_heads"],
+        num_key_value_heads=text["num_key_value_heads"],
+        head_dim=text["head_dim"],
+        intermediate_dim=text["intermediate_size"],
+        query_pre_attn_scalar=text["query_pre_attn_scalar"],
+        attention_logit_soft_cap=text["attn_logit_softcapping"],
+        final_logit_soft_cap=text["final_logit_softcapping"],
+        sliding_window_size=text["sliding_window"],
+        layer_norm_epsilon=text["rms_norm_eps"],
+        rope_max_wavelength=want["rope_theta"],
+        # The logits cover the vocabulary below the <image> placeholder.
+        vocabulary_size=min(text["vocab_size"], want["image_token_index"]),
+    )
