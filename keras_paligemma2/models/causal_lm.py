@@ -86,6 +86,8 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         text_hidden = hidden[:, backbone.num_image_tokens :, :]
         logits = self.text_logits(text_hidden)
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
+        # The KV-cache loop and its compiled functions, one per task.
+        self._decode_loop = DecodeLoop(self)
 
     def text_logits(self, text_hidden, decode_step=False, soft_cap=True):
         """Tied-embedding logits in float32, soft-capped when configured.
@@ -199,8 +201,6 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 "return_logits=True is for sampling or greedy decoding from "
                 "token ids (a task without preprocessor), not for text or beam search."
             )
-        if not hasattr(self, "_decode_loop"):
-            self._decode_loop = DecodeLoop(self)
         if beam_size is not None:
             if temperature or top_k is not None or top_p is not None:
                 raise ValueError("beam_size searches; it takes no temperature, top_k or top_p.")
