@@ -53,9 +53,58 @@ WORDS = (
     "cat",
 )
 
-# Unit roundoff of each float dtype: tolerances below are stated as a
-# multiple of it times the size of the values compared.
-EPS = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+# Unit roundoff of each float dtype: tolerances are stated as a multiple of
+# it times the size of the values compared (`assert_close`).
+EPS = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+
+def assert_close(got, want, *, ulps, dtype="float32", scale=None, err_msg=""):
+    """Asserts `max |got - want| <= ulps * EPS[dtype] * max(max |want|, 1)`.
+
+    The one rule for comparing computed floats in these tests: the bound is a
+    count of roundoff units of the compute dtype (`EPS[dtype]`) times the
+    magnitude of the reference (its largest |value|, at least 1: a sum's
+    rounding is relative to its largest terms). The count, `ulps`, is chosen
+    at each call site and a comment there says why: how many roundings the
+    computation chain has (the depth of the network, the length of its
+    reductions), and whether the reference is float64 (only our side rounds)
+    or another float32 program (both sides round, in different orders).
+    `ulps=0` asks for bit-equal results, where the arithmetic is exact.
+
+    A scalar `want` is compared with every element of `got`; otherwise the
+    shapes must be equal. The failure message gives the worst error, where it
+    is, the bound, and the error in units of `EPS[dtype] * scale`, so a reader
+    sees how far past (or how close to) the bound it went.
+
+    Args:
+        got: array-like, the computed values.
+        want: array-like, the reference values.
+        ulps: number of roundoff units allowed (see above).
+        dtype: the compute dtype whose unit roundoff counts: a key of `EPS`.
+        scale: None for the rule above; or an array (broadcast to `got`) of
+            the magnitude each element's roundoff is relative to, where each
+            element is rounded on its own (parameters after optimizer steps).
+        err_msg: what is compared (a variable path, a step), for the message.
+    """
+    got = np.asarray(got).astype(np.float64)
+    want = np.asarray(want).astype(np.float64)
+    if want.ndim and got.shape != want.shape:
+        raise AssertionError(f"{err_msg}: shapes differ, got {got.shape}, want {want.shape}")
+    if scale is None:
+        scale = max(float(np.abs(want).max(initial=0.0)), 1.0)
+    scale = np.broadcast_to(np.asarray(scale, np.float64), got.shape)
+    unit = EPS[dtype] * scale
+    error = np.abs(got - want)
+    excess = np.where(np.isnan(error), np.inf, error - ulps * unit)  # NaN fails too.
+    if got.size == 0 or excess.max() <= 0:
+        return
+    at = np.unravel_index(np.argmax(excess), got.shape)
+    raise AssertionError(
+        f"{err_msg}{': ' if err_msg else ''}|got - want| = {error[at]:.3g} at {at} "
+        f"(got {got[at]!r}, want {np.broadcast_to(want, got.shape)[at]!r}) > bound "
+        f"{ulps * unit[at]:.3g} = {ulps} x EPS[{dtype}] x scale {scale[at]:.3g}: the error "
+        f"is {error[at] / unit[at]:.3g} units of EPS[{dtype}] x scale"
+    )
 
 
 def tiny_config(**overrides):
@@ -168,7 +217,7 @@ def run_layer_test(
     - each dtype policy: variables in its variable dtype, output in its
       compute dtype (or `output_dtype`), and values within `tolerance` x the
       compute dtype's unit roundoff x max |float32 output| of the float32
-      layer with the same weights;
+      layer with the same weights (`assert_close`);
     - variable input lengths: one layer built once runs at each of
       `lengths`, its output shape following.
 
@@ -222,8 +271,7 @@ def run_layer_test(
             assert variable.dtype == policy.variable_dtype, (policy_name, variable.path)
         out = _first(layer(*args_0, **kwargs_0))
         assert str(out.dtype) == (output_dtype or policy.compute_dtype), (policy_name, out.dtype)
-        bound = tolerance * EPS[policy.compute_dtype] * max(np.abs(want).max(), 1.0)
-        assert np.abs(np.asarray(out, "float32") - want).max() <= bound, policy_name
+        assert_close(out, want, ulps=tolerance, dtype=policy.compute_dtype, err_msg=policy_name)
 
 
 def _first(output):
