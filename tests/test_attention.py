@@ -3,6 +3,7 @@
 import numpy as np
 import numpy_reference as ref
 import pytest
+from helpers import assert_close
 
 from keras_paligemma2.layers.attention import IMPLEMENTATIONS
 from keras_paligemma2.layers.attention import apply_rope
@@ -37,7 +38,10 @@ def test_attention_matches_reference(num_kv_heads, soft_cap, implementation):
         got = np.asarray(dot_product_attention(q, k, v, mask, soft_cap=soft_cap))
     want = ref.attention(q, k, v, mask, soft_cap)
     real = valid.astype(bool)  # Padded query rows are garbage by design.
-    np.testing.assert_allclose(got[real], want[real], atol=1e-5)
+    # float32 against a float64 reference: q x 3 gives logits up to ~20, whose
+    # rounding softmax's exp carries into the weights, then 8-term sums of
+    # values ~1. Measured 9 ulps of the largest output.
+    assert_close(got[real], want[real], ulps=48)
 
 
 @with_each_implementation
@@ -51,7 +55,8 @@ def test_no_implementation_drops_the_soft_cap(implementation, masked):
         capped = np.asarray(dot_product_attention(q, k, v, mask, soft_cap=2.0))
         uncapped = np.asarray(dot_product_attention(q, k, v, mask))
     assert np.abs(capped - uncapped).max() > 1e-2
-    np.testing.assert_allclose(capped, ref.attention(q, k, v, mask, 2.0), atol=1e-5)
+    # As test_attention_matches_reference: 48 ulps (measured 7.5).
+    assert_close(capped, ref.attention(q, k, v, mask, 2.0), ulps=48)
 
 
 @pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
@@ -80,8 +85,9 @@ def test_auto_on_gpu_sends_plain_attention_to_jax_nn_exactly(monkeypatch):
         plain = np.asarray(dot_product_attention(q, k, k))
         capped = np.asarray(dot_product_attention(q, k, k, soft_cap=5.0))
     assert len(calls) == 1
-    np.testing.assert_allclose(plain, ref.attention(q, k, k), atol=1e-5)
-    np.testing.assert_allclose(capped, ref.attention(q, k, k, soft_cap=5.0), atol=1e-5)
+    # As test_attention_matches_reference: 48 ulps (measured 7.3 and 5.4).
+    assert_close(plain, ref.attention(q, k, k), ulps=48)
+    assert_close(capped, ref.attention(q, k, k, soft_cap=5.0), ulps=48)
 
 
 def test_unknown_implementation_is_refused():
@@ -108,7 +114,10 @@ def test_pallas_kernel_over_many_tiles_and_its_gradients(soft_cap):
     k = rng.normal(size=(2, 37, 2, 16)).astype("float32")
     v = rng.normal(size=(2, 37, 2, 16)).astype("float32")
     got = np.asarray(flash_attention(q, k, v, mask, soft_cap, 16, 8))
-    np.testing.assert_allclose(got, ref.attention(q, k, v, mask, soft_cap), atol=1e-5)
+    # Online softmax over 5 key tiles: each tile rescales the running sums by
+    # exp(m_old - m_new), a few more roundings than one softmax, on logits up
+    # to ~40 (q x 4). Measured 37 ulps: 44 is what the old 1e-5 allowed.
+    assert_close(got, ref.attention(q, k, v, mask, soft_cap), ulps=44)
 
     def loss(attend):
         return lambda q, k, v: (attend(q, k, v) * v.sum()).sum()
@@ -121,10 +130,10 @@ def test_pallas_kernel_over_many_tiles_and_its_gradients(soft_cap):
             loss(lambda q, k, v: dot_product_attention(q, k, v, mask, soft_cap=soft_cap)), (0, 1, 2)
         )(q, k, v)
     for a, b in zip(fused, exact):
-        # float32 sums over 37 keys in another order: ~1e-6 of the largest
-        # gradient (which reaches ~100 here: the loss is scaled by v.sum()).
-        b = np.asarray(b)
-        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=2e-6 * np.abs(b).max())
+        # The kernel's backward is the XLA attention's own vjp (_flash_bwd), so
+        # only v's v.sum() term sees the kernel's forward (44 ulps of values
+        # ~1, against gradients of 100 to 5000): bit-equal here (measured 0).
+        assert_close(a, b, ulps=8)
 
 
 @with_each_implementation
@@ -137,7 +146,10 @@ def test_attention_bfloat16_inputs_keep_float32_logits(implementation):
         got = dot_product_attention(*bf16, soft_cap=50.0)
     assert str(got.dtype) == "bfloat16"
     want = ref.attention(*[x.astype("float32") for x in bf16], soft_cap=50.0)
-    np.testing.assert_allclose(np.asarray(got, "float32"), want, atol=3e-2)
+    # bfloat16 in and out (float32 logits): the output's own rounding and the
+    # probabilities' on the way, in bfloat16 ulps of the largest output.
+    # Measured 0.87; 2 is what the old 3e-2 allowed.
+    assert_close(got, want, ulps=2, dtype="bfloat16")
 
 
 @with_each_implementation
@@ -148,14 +160,19 @@ def test_fully_masked_rows_stay_finite(implementation):
         out = np.asarray(dot_product_attention(q, q, q, mask))
     assert np.isfinite(out).all()
     # As big_vision: a row that sees nothing averages every value.
-    np.testing.assert_allclose(out, np.broadcast_to(q.mean(1, keepdims=True), q.shape), atol=1e-6)
+    # Weights 1/3 (rounded) times 3 values, summed: a few roundings of values
+    # ~1. Measured 1.8 ulps.
+    assert_close(out, np.broadcast_to(q.mean(1, keepdims=True), q.shape), ulps=8)
 
 
 def test_rope_matches_reference():
     x = rng.normal(size=(2, 5, 3, 8)).astype("float32")
     positions = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 200]])
     got = np.asarray(apply_rope(x, positions))
-    np.testing.assert_allclose(got, ref.rope(x, positions), atol=1e-4)
+    # float32 angles up to 200 rad against float64 ones: an angle rounds by up
+    # to 200 EPS, which sin/cos pass on times values ~3 (then a 2-term
+    # rotation). Measured 1.4 ulps: this head_dim's timescales are exact.
+    assert_close(got, ref.rope(x, positions), ulps=256)
 
 
 def test_rope_is_relative():
@@ -168,7 +185,12 @@ def test_rope_is_relative():
         rk = np.asarray(apply_rope(k, np.array([[pk]])))
         return float((rq * rk).sum())
 
-    assert logit(5, 2) == pytest.approx(logit(105, 102), abs=1e-4)
+    # Angles up to 105 rad in float32 (rounded by up to 105 EPS) rotate q and k,
+    # then an 8-term dot product of values ~1: measured 1 ulp of the logit.
+    assert_close(logit(5, 2), logit(105, 102), ulps=128)
+    # Another distance really changes the logit (by 0.95 here): 1e-4, far
+    # above the 128 ulps (3e-5) above, is no roundoff; a larger number would
+    # be the stricter check.
     assert logit(5, 2) != pytest.approx(logit(5, 3), abs=1e-4)
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import numpy_reference as ref
+from helpers import assert_close
 from helpers import randomize
 
 from keras_paligemma2.layers.siglip import VisionEncoder
@@ -47,4 +48,6 @@ def test_vision_encoder_matches_reference():
     images = rng.uniform(-1, 1, size=(2, 28, 28, 3)).astype("float32")
     got = np.asarray(encoder(images))
     assert got.shape == (2, 4, 12)
-    np.testing.assert_allclose(got, _vit_reference(encoder, images.astype(np.float64)), atol=1e-4)
+    # float32 against float64: 588-term patch sums, 2 blocks, 5 LayerNorms, on
+    # outputs below 1 (ulps of 1). Measured 5.
+    assert_close(got, _vit_reference(encoder, images.astype(np.float64)), ulps=32)
