@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from helpers import SMALL_TEXT_TASK
+from helpers import assert_close
 from helpers import tiny_lm
 from hypothesis import given
 from hypothesis import settings
@@ -20,7 +21,10 @@ def test_mask_decoder_reproduces_big_vision(fixtures_dir):
     decoder = MaskDecoder.from_checkpoint(fixtures_dir / "vae_tiny" / "vae.npz")
     logits = np.asarray(decoder(reference["codes"]))
     assert logits.shape == (3, 64, 64)
-    assert np.abs(logits - reference["mask_logits"]).max() < 1e-4
+    # big_vision's VQ-VAE decoder (flax) and ours (Keras), float32 on the same
+    # XLA: bit-equal here (measured 0); 32 ulps of the largest mask logit for
+    # another lowering of the convolutions' sums.
+    assert_close(logits, reference["mask_logits"], ulps=32)
 
 
 def test_mask_decoder_refuses_other_files(tmp_path):

@@ -5,6 +5,7 @@ import json
 import keras_hub
 import numpy as np
 import pytest
+from helpers import assert_close
 from helpers import randomize
 
 from keras_paligemma2 import CheckpointError
@@ -61,7 +62,9 @@ def test_keras_hub_preset_gives_the_same_hidden_states(saved_keras_hub_preset):
     want = np.asarray(source(inputs))
     got = np.asarray(ours(inputs))
     real = np.concatenate([np.ones((2, 4)), inputs["padding_mask"]], 1).astype(bool)
-    assert np.abs(got[real] - want[real]).max() < 1e-4
+    # keras-hub's program and ours, float32, 2-layer ViT + 2-layer Gemma:
+    # sums in other orders (measured 6 ulps of the largest hidden state).
+    assert_close(got[real], want[real], ulps=48)
     config = ours.get_config()
     assert config["intermediate_dim"] == 48
     assert config["final_logit_soft_cap"] == 30.0  # keras-hub's semantics kept.

@@ -4,6 +4,7 @@ import jax
 import keras
 import numpy as np
 import pytest
+from helpers import assert_close
 from helpers import bv_tiny_text_logits
 from keras.src.backend.common import global_state
 
@@ -72,7 +73,10 @@ def test_load_under_model_parallel_places_shards(fixtures_dir, bv_f32):
     gate = lm.backbone.decoder_blocks[0].mlp.gate.kernel.value
     assert gate.addressable_shards[0].data.shape == (48, 80 // 4)
     logits = bv_tiny_text_logits(lm, reference)
-    assert np.abs(np.asarray(logits) - reference["text_logits"]).max() < 1e-4
+    # bv_tiny (2-layer ViT + 2-layer Gemma) in float32, sharded, against
+    # big_vision's run: two programs summing in other orders (measured 16
+    # ulps of the largest logit, ~17).
+    assert_close(logits, reference["text_logits"], ulps=64)
 
 
 def _direct_io_supported(directory):
