@@ -7,66 +7,92 @@ this package raises an ImportError saying so.
 The public names: the model classes, their losses and optimizer, and the
 modules `distribution`, `training`, `lora`, `presets`, `evaluation` and
 `shapes` (each lives in its layer's subpackage; see ARCHITECTURE.md).
+
+`import keras_paligemma2` imports them all (so Keras finds the registered
+classes when loading saved models), except while the command line starts
+(`python -m keras_paligemma2`, the `keras-paligemma2` script): then each
+is imported when first used, and `--help` answers without loading Keras.
 """
 
+import importlib
 import os
+import sys
+import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# keras-hub imports kagglehub, which imports `tqdm.auto`: in a notebook without
+# ipywidgets that warns "IProgress not found" although nothing here draws a
+# widget. Only that message is silenced.
+warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
 
-import keras  # noqa: E402
-
-if keras.config.backend() != "jax":
-    raise ImportError(
-        "keras_paligemma2 runs on the JAX backend only, but Keras is using "
-        f"the {keras.config.backend()!r} backend. Set the environment variable "
-        "KERAS_BACKEND=jax before Keras is first imported (or in "
-        "~/.keras/keras.json), then restart Python."
-    )
-
-from keras_paligemma2 import distribution  # noqa: E402
-from keras_paligemma2 import training  # noqa: E402
-from keras_paligemma2.apps import evaluation  # noqa: E402
-from keras_paligemma2.apps import shapes  # noqa: E402
-from keras_paligemma2.checkpoints import presets  # noqa: E402
-from keras_paligemma2.checkpoints.presets import list_presets  # noqa: E402
-from keras_paligemma2.layers.attention import attention_implementation  # noqa: E402
-from keras_paligemma2.layers.attention import set_attention_implementation  # noqa: E402
-from keras_paligemma2.layers.vq_vae import MaskDecoder  # noqa: E402
-from keras_paligemma2.models.backbone import PaliGemma2Backbone  # noqa: E402
-from keras_paligemma2.models.causal_lm import PaliGemma2CausalLM  # noqa: E402
-from keras_paligemma2.models.task_outputs import parse_detections  # noqa: E402
-from keras_paligemma2.preprocessing.image_converter import PaliGemma2ImageConverter  # noqa: E402
-from keras_paligemma2.preprocessing.preprocessor import PaliGemma2CausalLMPreprocessor  # noqa: E402
-from keras_paligemma2.preprocessing.tokenizer import PaliGemma2Tokenizer  # noqa: E402
-from keras_paligemma2.training import lora  # noqa: E402
-from keras_paligemma2.training.callbacks import TrainingCheckpoint  # noqa: E402
-from keras_paligemma2.training.losses import ResponseAccuracy  # noqa: E402
-from keras_paligemma2.training.losses import ResponseCrossEntropy  # noqa: E402
-from keras_paligemma2.training.optimizers import big_vision_optimizer  # noqa: E402
-from keras_paligemma2.utils.tensor_files import CheckpointError  # noqa: E402
+# Each public name: (the module defining it, its name there); None for a
+# module re-exported whole.
+_EXPORTS = {
+    "CheckpointError": ("keras_paligemma2.utils.tensor_files", "CheckpointError"),
+    "InputError": ("keras_paligemma2.utils.errors", "InputError"),
+    "MaskDecoder": ("keras_paligemma2.layers.vq_vae", "MaskDecoder"),
+    "PaliGemma2Backbone": ("keras_paligemma2.models.backbone", "PaliGemma2Backbone"),
+    "PaliGemma2CausalLM": ("keras_paligemma2.models.causal_lm", "PaliGemma2CausalLM"),
+    "PaliGemma2CausalLMPreprocessor": (
+        "keras_paligemma2.preprocessing.preprocessor",
+        "PaliGemma2CausalLMPreprocessor",
+    ),
+    "PaliGemma2ImageConverter": (
+        "keras_paligemma2.preprocessing.image_converter",
+        "PaliGemma2ImageConverter",
+    ),
+    "PaliGemma2Tokenizer": ("keras_paligemma2.preprocessing.tokenizer", "PaliGemma2Tokenizer"),
+    "ResponseAccuracy": ("keras_paligemma2.training.losses", "ResponseAccuracy"),
+    "ResponseCrossEntropy": ("keras_paligemma2.training.losses", "ResponseCrossEntropy"),
+    "TrainingCheckpoint": ("keras_paligemma2.training.callbacks", "TrainingCheckpoint"),
+    "attention_implementation": (
+        "keras_paligemma2.layers.attention",
+        "attention_implementation",
+    ),
+    "big_vision_optimizer": ("keras_paligemma2.training.optimizers", "big_vision_optimizer"),
+    "distribution": ("keras_paligemma2.distribution", None),
+    "evaluation": ("keras_paligemma2.apps.evaluation", None),
+    "list_presets": ("keras_paligemma2.checkpoints.presets", "list_presets"),
+    "lora": ("keras_paligemma2.training.lora", None),
+    "parse_detections": ("keras_paligemma2.models.task_outputs", "parse_detections"),
+    "presets": ("keras_paligemma2.checkpoints.presets", None),
+    "set_attention_implementation": (
+        "keras_paligemma2.layers.attention",
+        "set_attention_implementation",
+    ),
+    "shapes": ("keras_paligemma2.apps.shapes", None),
+    "training": ("keras_paligemma2.training", None),
+}
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError",
-    "PaliGemma2Backbone",
-    "PaliGemma2CausalLM",
-    "PaliGemma2CausalLMPreprocessor",
-    "PaliGemma2ImageConverter",
-    "PaliGemma2Tokenizer",
-    "MaskDecoder",
-    "ResponseAccuracy",
-    "ResponseCrossEntropy",
-    "TrainingCheckpoint",
-    "attention_implementation",
-    "big_vision_optimizer",
-    "distribution",
-    "evaluation",
-    "list_presets",
-    "lora",
-    "parse_detections",
-    "presets",
-    "set_attention_implementation",
-    "shapes",
-    "training",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'keras_paligemma2' has no attribute {name!r}")
+    from keras_paligemma2.utils.backend import require_jax
+
+    require_jax()
+    module, attribute = _EXPORTS[name]
+    value = importlib.import_module(module)
+    if attribute is not None:
+        value = getattr(value, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+def _starting_the_command_line():
+    """True while `python -m keras_paligemma2` starts (argv[0] is "-m" while
+    the package is located, as Python documents) or the console script."""
+    return sys.argv[:1] == ["-m"] or os.path.basename(sys.argv[0]) == "keras-paligemma2"
+
+
+if not _starting_the_command_line():
+    for _name in _EXPORTS:
+        __getattr__(_name)

@@ -1,6 +1,7 @@
 """`python -m keras_paligemma2` commands, end to end."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -346,3 +347,84 @@ def test_convert_and_plan_the_embedded_preset(tmp_path, capsys):
         == 0
     )
     assert "chosen" in capsys.readouterr().out
+
+
+def test_help_and_argument_mistakes_load_nothing_heavy():
+    """`--help` and a wrong argument answer before Keras, JAX or TensorFlow
+    is imported (Python's own import log, `-X importtime`, lists every import)."""
+    for argv, status in ((["--help"], 0), (["generate", "--bogus"], 2)):
+        run = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "keras_paligemma2", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == status, run.stderr[-2000:]
+        imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if "|" in line}
+        heavy = {m for m in imported if m.split(".")[0] in ("keras", "jax", "tensorflow", "numpy")}
+        assert not heavy, sorted(heavy)[:5]
+        assert "keras_paligemma2.apps.cli" in imported
+
+
+def test_annotated_pictures_of_same_named_images_never_overwrite(tmp_path, capsys, monkeypatch):
+    answer = "<loc0256><loc0512><loc0768><loc1023> circle"
+    monkeypatch.setattr(
+        PaliGemma2CausalLM, "generate", lambda self, inputs, **kw: [answer] * len(inputs["prompts"])
+    )
+    shapes_png = pathlib.Path(__file__).parents[1] / "examples" / "data" / "shapes.png"
+    images = []
+    for folder, size in (("a", 64), ("b", 80)):
+        (tmp_path / folder).mkdir()
+        PIL.Image.open(shapes_png).resize((size, size)).save(tmp_path / folder / "scene.png")
+        images += ["--image", str(tmp_path / folder / "scene.png")]
+    out_dir = tmp_path / "not" / "yet"  # Created, with its parents, as finetune --output.
+    args = ["generate", "--preset", PRESET, *images, "--prompt", "detect circle"]
+    assert main([*args, "--annotate-dir", str(out_dir)]) == 0
+    written = sorted(p.name for p in out_dir.iterdir())
+    assert written == ["scene_0_annotated.png", "scene_1_annotated.png"]
+    sizes = {PIL.Image.open(out_dir / name).size for name in written}
+    assert sizes == {(64, 64), (80, 80)}  # Each image's own picture.
+    (tmp_path / "file").write_text("")
+    assert main([*args, "--annotate-dir", str(tmp_path / "file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_commands_print_no_start_up_logs_and_plain_progress(shapes_data, tmp_path):
+    """A real run in a pipe: nothing on stderr but our own lines (no
+    TensorFlow / absl / CUDA logs), progress as plain lines, no ANSI codes."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keras_paligemma2",
+            "evaluate",
+            "--preset",
+            PRESET,
+            "--data",
+            str(shapes_data / "train.jsonl"),
+            "--max-new-tokens",
+            "2",
+            "--batch-size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": ""},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "\x1b" not in run.stderr + run.stdout and "\r" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert lines == ["evaluating: 4/8 examples", "evaluating: 8/8 examples"], lines
+
+
+def test_internal_errors_show_their_traceback_and_say_bug(monkeypatch, capsys):
+    def broken(self, inputs, **kwargs):
+        raise ValueError("operands could not be broadcast together")  # Not an InputError.
+
+    monkeypatch.setattr(PaliGemma2CausalLM, "generate", broken)
+    image = str(pathlib.Path(__file__).parents[1] / "examples" / "data" / "shapes.png")
+    assert main(["generate", "--preset", PRESET, "--image", image, "--prompt", "caption en"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "operands could not be broadcast" in err
+    assert "This is a bug in keras-paligemma2" in err

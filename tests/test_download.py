@@ -160,3 +160,48 @@ def test_offline_with_the_real_client_names_the_file(tmp_path, monkeypatch):
     message = str(error.value)
     assert "no network" in message
     assert "hf download google/paligemma2-3b-pt-224-jax paligemma2-3b-pt-224.b16.npz" in message
+
+
+def test_without_network_a_registered_name_fails_at_once(tmp_path, monkeypatch):
+    # No HF_HUB_OFFLINE: the network is just not there (the TCP connect, the
+    # boundary, refuses). The real client then reads the cache only, instead
+    # of retrying with backoff for half a minute.
+    def refuse(address, timeout=None, **kwargs):
+        raise ConnectionRefusedError(f"no route to {address}")
+
+    monkeypatch.setattr(download.socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    sent = []
+    real = huggingface_hub.hf_hub_download
+
+    def recorded(*args, **kwargs):
+        sent.append(kwargs.get("local_files_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recorded)
+    with pytest.raises(download.DownloadError, match="no network"):
+        download.download_file("google/paligemma2-3b-pt-224-jax", "paligemma2-3b-pt-224.b16.npz")
+    assert sent == [True]
+
+
+def test_with_network_downloads_are_not_limited_to_the_cache(fake_hub, monkeypatch):
+    class Connection:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(download.socket, "create_connection", lambda *a, **k: Connection())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    sent = []
+    fake = huggingface_hub.hf_hub_download
+
+    def recorded(*args, **kwargs):
+        sent.append(kwargs.get("local_files_only"))
+        return fake(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recorded)
+    download.download_file(f"google/{STEM}", "config.json")
+    assert sent == [False]

@@ -7,18 +7,24 @@
     plan       per-device memory of a job on every mesh of N devices
 
 Mistakes in the command line or the data (missing files, unreadable images,
-bad JSONL lines, unknown presets) print one line on stderr and exit with
-status 2; nothing is written half-way (every output is written to a
-temporary name and renamed).
+bad JSONL lines, unknown presets, over-long prompts: the package's
+`InputError`s) print one line on stderr and exit with status 2; anything
+else is a bug: its traceback, a line saying so, status 1. Nothing is written
+half-way (every output is written to a temporary name and renamed); output
+directories are created with their parents. TensorFlow / absl / XLA start-up
+logs are hidden unless `--verbose`; progress bars become plain lines when
+stderr is not a terminal.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import traceback
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake in the command line: one line on stderr, exit status 2."""
 
 
@@ -98,6 +104,42 @@ def _add_sampling_arguments(parser):
     parser.add_argument("--beam-size", type=int, help="beam search with this many beams")
 
 
+class _progress:
+    """A tqdm bar on a terminal; elsewhere (a pipe, a log file) plain lines
+    on stderr, about one per tenth of the work, without control codes.
+
+    Args:
+        total: int, the number of examples.
+        description: str, what is being done.
+        quiet: bool; True shows nothing.
+    """
+
+    def __init__(self, total, description, quiet=False):
+        self.total, self.description, self.done = total, description, 0
+        self.bar = None
+        self.quiet = quiet
+        self.next_report = 0
+        if not quiet and sys.stderr.isatty():
+            import tqdm
+
+            self.bar = tqdm.tqdm(total=total, unit="example", desc=description)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+    def update(self, count):
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+        elif not self.quiet and (self.done >= self.next_report or self.done == self.total):
+            print(f"{self.description}: {self.done}/{self.total} examples", file=sys.stderr)
+            self.next_report = self.done + max(self.total // 10, 1)
+
+
 def _batches(items, size):
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -130,8 +172,9 @@ def _generate(args):
     pixels = [
         to_rgb_array(path, i) for i, path in enumerate(images)
     ]  # Bad images fail before loading.
-    if args.annotate_dir and not os.path.isdir(args.annotate_dir):
-        raise UserError(f"--annotate-dir {args.annotate_dir!r} is not a directory.")
+    if args.annotate_dir and os.path.exists(args.annotate_dir):
+        if not os.path.isdir(args.annotate_dir):
+            raise UserError(f"--annotate-dir {args.annotate_dir!r} is a file, not a directory.")
     mask_decoder = None
     if args.mask_decoder:
         from keras_paligemma2.layers.vq_vae import MaskDecoder
@@ -143,6 +186,7 @@ def _generate(args):
         answers += lm.generate(
             {"images": [c[0] for c in chunk], "prompts": [c[1] for c in chunk]}, **_sampling(args)
         )
+    names = _annotated_names(images, prompts)
     results = []
     for i, (path, image, prompt, answer) in enumerate(zip(images, pixels, prompts, answers)):
         entry = {"image": path, "prompt": prompt, "answer": answer}
@@ -155,9 +199,8 @@ def _generate(args):
                 for o in objects
             ]
             if args.annotate_dir:
-                stem = os.path.splitext(os.path.basename(path))[0]
-                suffix = f"_{i}" if len(images) > 1 and len(set(images)) < len(images) else ""
-                out = os.path.join(args.annotate_dir, f"{stem}{suffix}_annotated.png")
+                os.makedirs(args.annotate_dir, exist_ok=True)
+                out = os.path.join(args.annotate_dir, names[i])
                 draw(image, objects, out)
                 entry["annotated"] = out
         results.append(entry)
@@ -170,6 +213,21 @@ def _generate(args):
             print(f"  {obj['label']}: box (y_min, x_min, y_max, x_max) {tuple(obj['box'])}")
         if "annotated" in entry:
             print(f"  annotated image: {entry['annotated']}")
+
+
+def _annotated_names(images, prompts):
+    """IMAGE_annotated.png for each example; where two examples would share
+    a name (the same file asked twice, or two files of one base name), each
+    gets its example number too, so no picture overwrites another."""
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in images]
+    annotated = [i for i, p in enumerate(prompts) if p.startswith(("detect", "segment"))]
+    counts = {}
+    for i in annotated:
+        counts[stems[i]] = counts.get(stems[i], 0) + 1
+    return [
+        f"{stem}_{i}_annotated.png" if counts.get(stem, 0) > 1 else f"{stem}_annotated.png"
+        for i, stem in enumerate(stems)
+    ]
 
 
 def _add_masks(objects, mask_decoder, size):
@@ -231,7 +289,8 @@ def _finetune(args):
         validation_data=(
             {k: validation[k] for k in ("images", "prompts", "responses")} if validation else None
         ),
-        verbose=2 if args.quiet_progress else "auto",
+        # A progress bar on a terminal; in a pipe or a log, one line per epoch.
+        verbose=1 if sys.stdout.isatty() and not args.quiet_progress else 2,
     )
     from keras_paligemma2.utils.files import atomic_directory
 
@@ -265,7 +324,6 @@ def _finetune(args):
 
 def _evaluate(args):
     import numpy as np
-    import tqdm
 
     from keras_paligemma2.apps import evaluation
     from keras_paligemma2.utils.jsonl import read_jsonl
@@ -280,7 +338,7 @@ def _evaluate(args):
     lm = _load(args)
     items = list(zip(data["images"], data["prompts"]))
     predictions = []
-    with tqdm.tqdm(total=len(items), unit="example", desc="evaluating", disable=args.json) as bar:
+    with _progress(len(items), "evaluating", quiet=args.json) as bar:
         for chunk in _batches(items, args.batch_size):
             predictions += lm.generate(
                 {"images": [c[0] for c in chunk], "prompts": [c[1] for c in chunk]},
@@ -422,6 +480,11 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m keras_paligemma2",
         description="PaliGemma 2 in Keras 3 (JAX): generate, fine-tune, evaluate, convert, plan.",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show TensorFlow / absl / XLA start-up logs (hidden by default)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
@@ -598,24 +661,70 @@ def build_parser():
 
 
 def main(argv=None):
-    """Runs one command line; returns the exit status (0, or 2 on a user error).
+    """Runs one command line; returns the exit status: 0, 2 on a user error
+    (one line on stderr), 1 on anything else (a bug: its traceback).
 
     Args:
         argv: list of str, the arguments after the program name; None reads
             `sys.argv[1:]`.
     """
     args = build_parser().parse_args(argv)
-    from keras_paligemma2.utils.tensor_files import CheckpointError
-
     if getattr(args, "metric", "unset") is None:
         args.metric = ["exact_match"]
     if getattr(args, "annotate_dir", None) == "":
         args.annotate_dir = None
-    try:
-        args.run(args)
-    except (UserError, CheckpointError, ValueError, FileNotFoundError) as error:
-        # One line, all of it: a checkpoint mismatch lists every bad key.
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    with _native_logs_hidden(not args.verbose):
+        from keras_paligemma2.utils.errors import InputError
+
+        try:
+            args.run(args)
+        except (
+            UserError,
+            InputError,
+            FileNotFoundError,
+            IsADirectoryError,
+            PermissionError,
+        ) as error:
+            # One line, all of it: a checkpoint mismatch lists every bad key.
+            message = " ".join(str(error).split()) or type(error).__name__
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+        except Exception:
+            traceback.print_exc()
+            print(
+                "This is a bug in keras-paligemma2, not a mistake in the command line: please "
+                "report it with the command and the traceback above.",
+                file=sys.stderr,
+            )
+            return 1
     return 0
+
+
+@contextlib.contextmanager
+def _native_logs_hidden(hide):
+    """While the command runs (when `hide`), file descriptor 2 goes to
+    /dev/null and Python's `sys.stderr` to a copy of the real one: what
+    TensorFlow, absl, XLA and SentencePiece log from C++ (CUDA probes on
+    CPU machines, oneDNN notes) is dropped; our messages, warnings and
+    tracebacks still show. A `sys.stderr` someone replaced (a test's
+    capture) is left as it is."""
+    if not hide:
+        yield
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_stderr = sys.stderr
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    if sys.stderr is sys.__stderr__:
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        if sys.stderr is not python_stderr:
+            sys.stderr.close()
+            sys.stderr = python_stderr
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -42,6 +42,7 @@ import numpy as np
 
 from keras_paligemma2.models.task_outputs import parse_detections
 from keras_paligemma2.models.task_outputs import paste_mask
+from keras_paligemma2.utils.errors import InputError
 
 
 def exact_match(prediction, answers):
@@ -236,13 +237,13 @@ def ptb_tokenize(texts):
     try:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     except ImportError as error:
-        raise ValueError(
+        raise InputError(
             "CIDEr with tokenize='ptb' (the COCO evaluation's tokenizer) needs "
             "pycocoevalcap: `pip install pycocoevalcap` (and a Java runtime), "
             "or pass tokenize='python' for this package's approximation."
         ) from error
     if shutil.which("java") is None:
-        raise ValueError(
+        raise InputError(
             "CIDEr with tokenize='ptb' runs Stanford's Java PTB tokenizer, and no "
             "`java` is on PATH: install a Java runtime (e.g. apt-get install "
             "default-jre-headless), or pass tokenize='python' for this "
@@ -282,16 +283,16 @@ def cider(predictions, references, max_n=4, sigma=6.0, tokenize="ptb"):
         (float data-set score, list of per-example float scores).
     """
     if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} examples.")
+        raise InputError(f"{len(predictions)} predictions for {len(references)} examples.")
     if any(not refs for refs in references):
-        raise ValueError("CIDEr needs at least one reference caption for every example.")
+        raise InputError("CIDEr needs at least one reference caption for every example.")
     if tokenize == "ptb":
         flat = list(predictions) + [r for refs in references for r in refs]
         tokenize = dict(zip(flat, ptb_tokenize(flat))).__getitem__
     elif tokenize == "python":
         tokenize = coco_caption_tokens
     elif not callable(tokenize):
-        raise ValueError(
+        raise InputError(
             f"tokenize must be one of {CAPTION_TOKENIZERS} or a function; got {tokenize!r}."
         )
     hypotheses = [_ngram_counts(tokenize(p), max_n) for p in predictions]
@@ -440,7 +441,7 @@ def mask_ious(predictions, true_masks, mask_decoder):
         list of float IoUs, one per prediction.
     """
     if len(predictions) != len(true_masks):
-        raise ValueError(f"{len(predictions)} predictions for {len(true_masks)} masks.")
+        raise InputError(f"{len(predictions)} predictions for {len(true_masks)} masks.")
     parsed = []
     for text in predictions:
         match = _SEGMENT_ANSWER.match(text) if isinstance(text, str) else None
@@ -499,11 +500,11 @@ def score(metric, predictions, answers):
         answers: list of lists of str, each example's accepted answers.
     """
     if metric not in METRICS and metric not in CORPUS_METRICS:
-        raise ValueError(
+        raise InputError(
             f"Unknown metric {metric!r}; choose one of {sorted({**METRICS, **CORPUS_METRICS})}."
         )
     if len(predictions) != len(answers):
-        raise ValueError(f"{len(predictions)} predictions for {len(answers)} examples.")
+        raise InputError(f"{len(predictions)} predictions for {len(answers)} examples.")
     if metric in CORPUS_METRICS:
         return float(CORPUS_METRICS[metric](predictions, answers))
     return float(np.mean([METRICS[metric](p, a) for p, a in zip(predictions, answers)]))

@@ -7,7 +7,11 @@ the stored login, and offline mode (`HF_HUB_OFFLINE=1`). This module never
 reads, prints or stores a token.
 """
 
+import socket
+import urllib.parse
+
 import huggingface_hub
+import huggingface_hub.constants
 from huggingface_hub import errors as hub_errors
 
 from keras_paligemma2.utils.tensor_files import CheckpointError
@@ -57,6 +61,28 @@ def _explain(error, repo_id, what, command):
     )
 
 
+def hub_reachable(timeout=3.0):
+    """Whether the Hub's host takes a TCP connection (one try).
+
+    Without network, huggingface_hub retries with backoff for half a minute
+    before failing; when this says no, downloads read the local cache only
+    (`local_files_only=True`), which answers at once, from the cache or with
+    the "no network" message.
+
+    Args:
+        timeout: float, seconds to wait for the connection (default 3).
+    """
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def download_file(repo_id, filename, revision=None):
     """One file of a Hub repository, from the cache or downloaded; its path.
 
@@ -71,7 +97,10 @@ def download_file(repo_id, filename, revision=None):
     """
     try:
         return huggingface_hub.hf_hub_download(
-            repo_id=repo_id, filename=filename, revision=revision
+            repo_id=repo_id,
+            filename=filename,
+            revision=revision,
+            local_files_only=not hub_reachable(),
         )
     except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, OSError) as error:
         raise _explain(error, repo_id, filename, f"hf download {repo_id} {filename}") from error
@@ -91,7 +120,10 @@ def download_repository(repo_id, allow_patterns, revision=None):
     """
     try:
         return huggingface_hub.snapshot_download(
-            repo_id=repo_id, allow_patterns=list(allow_patterns), revision=revision
+            repo_id=repo_id,
+            allow_patterns=list(allow_patterns),
+            revision=revision,
+            local_files_only=not hub_reachable(),
         )
     except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, OSError) as error:
         raise _explain(error, repo_id, "the repository files", f"hf download {repo_id}") from error

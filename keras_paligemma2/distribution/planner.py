@@ -14,6 +14,7 @@ from keras_paligemma2.models.layouts import MODEL_PREFERENCES  # noqa: F401
 from keras_paligemma2.models.layouts import PathLayoutMap  # noqa: F401
 from keras_paligemma2.models.layouts import element_count
 from keras_paligemma2.models.layouts import variable_layout  # noqa: F401
+from keras_paligemma2.utils.errors import InputError
 
 # --- Memory planner ---------------------------------------------------------
 
@@ -100,7 +101,7 @@ def plan(
     """
     config = resolve_config(config)
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
+        raise InputError(f"mode must be one of {MODES}; got {mode!r}.")
     data, model = (int(s) for s in mesh_shape)
     if fsdp is None:
         fsdp = mode != "inference" and data > 1
@@ -245,7 +246,7 @@ def auto_distribution(
         first = jax.devices()[0]
         device_memory = (first.memory_stats() or {}).get("bytes_limit")
         if device_memory is None:
-            raise ValueError(
+            raise InputError(
                 f"JAX does not report the memory of {first.platform} devices; pass device_memory=bytes."
             )
     budget = headroom * device_memory
@@ -275,7 +276,7 @@ def auto_distribution(
         hints.append("remat=True")
     if batch_size > 1:
         hints.append("a smaller batch")
-    raise ValueError(
+    raise InputError(
         f"{mode} with batch {batch_size} does not fit {len(devices)} device(s) of "
         f"{device_memory / 2**30:.1f} GiB: the best layout needs {best}. "
         f"What could fit: {', or '.join(hints) or 'nothing simple'}."

@@ -31,6 +31,7 @@ from keras import ops
 
 from keras_paligemma2.layers.exact_attention import reference_attention
 from keras_paligemma2.layers.flash_attention import flash_attention
+from keras_paligemma2.utils.errors import InputError
 
 IMPLEMENTATIONS = ("xla", "pallas", "auto")
 _implementation = "xla"
@@ -45,7 +46,7 @@ def set_attention_implementation(name):
     """
     global _implementation
     if name not in IMPLEMENTATIONS:
-        raise ValueError(
+        raise InputError(
             f"Unknown attention implementation {name!r}; choose one of {IMPLEMENTATIONS}."
         )
     _implementation = name
@@ -121,7 +122,7 @@ def dot_product_attention(query, key, value, mask=None, *, soft_cap=None):
 
 def _check_groups(query, key):
     if query.shape[2] % key.shape[2]:
-        raise ValueError(
+        raise InputError(
             f"{query.shape[2]} query heads cannot be grouped over {key.shape[2]} "
             "key/value heads: the query head count must be a multiple."
         )

@@ -41,6 +41,8 @@ import keras_hub
 import numpy as np
 import PIL.Image
 
+from keras_paligemma2.utils.errors import InputError
+
 PIPELINES = ("big_vision", "big_vision_antialias", "colab", "keras_hub")
 
 
@@ -83,12 +85,12 @@ class PaliGemma2ImageConverter(keras_hub.layers.ImageConverter):
             kwargs.pop(keras_hub_argument, None)
         if isinstance(image_size, (tuple, list)):
             if image_size[0] != image_size[1]:
-                raise ValueError(f"PaliGemma images are square; got image_size {image_size}.")
+                raise InputError(f"PaliGemma images are square; got image_size {image_size}.")
             image_size = image_size[0]
         if antialias and pipeline == "big_vision":
             pipeline = "big_vision_antialias"
         if pipeline not in PIPELINES:
-            raise ValueError(f"Unknown image pipeline {pipeline!r}; choose one of {PIPELINES}.")
+            raise InputError(f"Unknown image pipeline {pipeline!r}; choose one of {PIPELINES}.")
         super().__init__(
             image_size=(image_size, image_size),
             scale=1 / 127.5,
@@ -128,7 +130,7 @@ class PaliGemma2ImageConverter(keras_hub.layers.ImageConverter):
         single = _is_single_image(inputs)
         images = [inputs] if single else list(inputs)
         if not images:
-            raise ValueError("No images given: pass an image or a non-empty list of images.")
+            raise InputError("No images given: pass an image or a non-empty list of images.")
         batch = np.stack([self._convert_one(image, i) for i, image in enumerate(images)])
         return batch[0] if single else batch
 
@@ -213,7 +215,7 @@ def to_rgb_array(image, index=0, decoder="tensorflow"):
             with open(image, "rb") as f:
                 image = f.read()
         except OSError as error:
-            raise ValueError(f"Cannot read {where} as an image: {error}") from error
+            raise InputError(f"Cannot read {where} as an image: {error}") from error
     if isinstance(image, bytes):
         image = _decode(image, where, decoder)
     if isinstance(image, PIL.Image.Image):
@@ -221,16 +223,16 @@ def to_rgb_array(image, index=0, decoder="tensorflow"):
     try:
         pixels = np.asarray(image)
     except Exception as error:
-        raise ValueError(f"{where} is a {type(image).__name__}, not an image.") from error
+        raise InputError(f"{where} is a {type(image).__name__}, not an image.") from error
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if pixels.ndim != 3 or pixels.shape[-1] not in (1, 2, 3, 4):
-        raise ValueError(
+        raise InputError(
             f"{where} has shape {pixels.shape}; expected (height, width) or "
             "(height, width, channels) with 1, 3 or 4 channels (2 or 4 with alpha)."
         )
     if min(pixels.shape[:2]) < 1:
-        raise ValueError(f"{where} is empty (shape {pixels.shape}).")
+        raise InputError(f"{where} is empty (shape {pixels.shape}).")
     pixels = _to_levels(pixels, where)
     # As `decode(channels=3)`: alpha dropped, grey repeated.
     if pixels.shape[-1] in (2, 4):
@@ -247,14 +249,14 @@ def _decode(data, where, decoder):
                 opened.load()
                 return _pil_pixels(opened)
         except (OSError, ValueError) as error:
-            raise ValueError(f"Cannot read {where} as an image: {error}") from error
+            raise InputError(f"Cannot read {where} as an image: {error}") from error
     import tensorflow as tf
 
     try:
         decoded = tf.io.decode_image(data, channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, ValueError) as error:
         message = getattr(error, "message", str(error)).strip().splitlines()[0]
-        raise ValueError(
+        raise InputError(
             f"Cannot read {where} as an image: TensorFlow's decoder (big_vision's "
             f"`decode`) refused it: {message}"
         ) from error
@@ -279,14 +281,14 @@ def _to_levels(pixels, where):
     if dtype == np.uint16:
         return (pixels >> 8).astype(np.uint8)  # TensorFlow's 16-bit PNG decode.
     if dtype == np.bool_:
-        raise ValueError(
+        raise InputError(
             f"{where} is a boolean array: as a mask it has no colours. Pass uint8 "
             "levels (e.g. `mask.astype(np.uint8) * 255`)."
         )
     if np.issubdtype(dtype, np.integer):
         low, high = int(pixels.min()), int(pixels.max())
         if low < 0 or high > 255:
-            raise ValueError(
+            raise InputError(
                 f"{where} is {dtype} with values in [{low}, {high}]; images are taken "
                 "as levels in [0, 255] (uint8), or uint16 (brought to 8 bits as "
                 "value >> 8). Convert it to one of those."
@@ -295,19 +297,19 @@ def _to_levels(pixels, where):
     if np.issubdtype(dtype, np.floating):
         pixels = pixels.astype(np.float32)
         if not np.isfinite(pixels).all():
-            raise ValueError(f"{where} has NaN or infinite values.")
+            raise InputError(f"{where} has NaN or infinite values.")
         low, high = float(pixels.min()), float(pixels.max())
         if low < 0 or high > 255:
-            raise ValueError(
+            raise InputError(
                 f"{where} has values in [{low:.3g}, {high:.3g}]; float images must be in [0, 255]."
             )
         if 0 < high <= 1.0:
-            raise ValueError(
+            raise InputError(
                 f"{where} looks like a float image in [0, 1]; images are taken "
                 "in [0, 255] (as uint8): multiply it by 255."
             )
         return pixels
-    raise ValueError(
+    raise InputError(
         f"{where} is an array of {dtype}: pass a file path, a PIL image or a "
         "numeric array (H, W, 3)."
     )

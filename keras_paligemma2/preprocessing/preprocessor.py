@@ -19,6 +19,7 @@ import numpy as np
 
 from keras_paligemma2.preprocessing.image_converter import PaliGemma2ImageConverter
 from keras_paligemma2.preprocessing.tokenizer import PaliGemma2Tokenizer
+from keras_paligemma2.utils.errors import InputError
 
 TRUNCATION = (None, "response")
 
@@ -88,7 +89,7 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
             **kwargs,
         )
         if truncate not in TRUNCATION:
-            raise ValueError(f"truncate must be one of {TRUNCATION}; got {truncate!r}.")
+            raise InputError(f"truncate must be one of {TRUNCATION}; got {truncate!r}.")
         self.image_converter = image_converter
         self.truncate = truncate
 
@@ -115,10 +116,10 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
             list of int token ids.
         """
         if not isinstance(prompt, str):
-            raise ValueError(f"Prompts must be strings; got {type(prompt).__name__}.")
+            raise InputError(f"Prompts must be strings; got {type(prompt).__name__}.")
         prompt = prompt.removesuffix("\n")
         if not prompt.strip():
-            raise ValueError(
+            raise InputError(
                 "Empty prompt: PaliGemma needs a task prefix such as "
                 "'caption en', 'answer en <question>', 'detect cat' or 'ocr'."
             )
@@ -135,7 +136,7 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
             list of int token ids.
         """
         if not isinstance(response, str):
-            raise ValueError(f"Responses must be strings; got {type(response).__name__}.")
+            raise InputError(f"Responses must be strings; got {type(response).__name__}.")
         end = [self.tokenizer.end_token_id] if self.add_end_token else []
         return self._ids(response) + end
 
@@ -166,7 +167,7 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         if responses is not None:
             responses = _as_list(responses, "responses")
             if len(responses) != len(prompts):
-                raise ValueError(
+                raise InputError(
                     f"{len(prompts)} prompts but {len(responses)} responses; "
                     "give one response per prompt."
                 )
@@ -178,7 +179,7 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         for row, prompt in enumerate(prompts):
             prefix = self.prompt_ids(prompt)
             if len(prefix) > length:
-                raise ValueError(
+                raise InputError(
                     f"Prompt {row} is {len(prefix)} tokens with <bos> and the "
                     f"separator; a row holds {holds}. Raise sequence_length or "
                     "shorten the prompt; prompts are never cut."
@@ -187,7 +188,7 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
             room = length - len(prefix)
             if len(suffix) > room:
                 if self.truncate != "response":
-                    raise ValueError(
+                    raise InputError(
                         f"Example {row} is {len(prefix) + len(suffix)} tokens "
                         f"(prompt {len(prefix)} with <bos> and the separator, "
                         f"response {len(suffix)} with <eos>); a row holds {holds}. "
@@ -227,7 +228,7 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
             images per example), y int32 (B, T) labels, sample_weight float32 (B, T).
         """
         if y is not None or sample_weight is not None:
-            raise ValueError(
+            raise InputError(
                 "Pass responses inside x as x['responses']; labels and weights are made from them."
             )
         x = _check_keys(x, required=("images", "prompts", "responses"))
@@ -268,7 +269,7 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
 
     def _images(self, images, batch):
         if self.image_converter is None:
-            raise ValueError("This preprocessor has no image_converter.")
+            raise InputError("This preprocessor has no image_converter.")
         convert = getattr(self.image_converter, "convert", self.image_converter)
         if _several_per_example(images):
             # (B, n) images: convert each example's images, keep their order.
@@ -278,7 +279,7 @@ class PaliGemma2CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         if converted.ndim == 3:
             converted = converted[None]
         if len(converted) != batch:
-            raise ValueError(
+            raise InputError(
                 f"{len(converted)} images but {batch} prompts; give one image per prompt."
             )
         return converted
@@ -331,14 +332,14 @@ def _as_list(texts, name):
         texts = texts.tolist()
     texts = [t.decode() if isinstance(t, bytes) else t for t in texts]
     if not texts:
-        raise ValueError(f"`{name}` is empty.")
+        raise InputError(f"`{name}` is empty.")
     return texts
 
 
 def _check_keys(x, required):
     if not isinstance(x, dict):
-        raise ValueError(f"Pass a dict with keys {list(required)}; got {type(x).__name__}.")
+        raise InputError(f"Pass a dict with keys {list(required)}; got {type(x).__name__}.")
     missing = [k for k in required if k not in x]
     if missing:
-        raise ValueError(f"Missing keys {missing}; expected {list(required)}.")
+        raise InputError(f"Missing keys {missing}; expected {list(required)}.")
     return x

@@ -17,6 +17,8 @@ import keras_hub
 import numpy as np
 import sentencepiece
 
+from keras_paligemma2.utils.errors import InputError
+
 NUM_LOCATION_TOKENS = 1024
 NUM_SEGMENTATION_TOKENS = 128
 LOCATION_TOKENS = tuple(f"<loc{i:04d}>" for i in range(NUM_LOCATION_TOKENS))
@@ -71,7 +73,7 @@ class PaliGemma2Tokenizer(keras_hub.tokenizers.SentencePieceTokenizer):
         self.segmentation_token_start = self._consecutive_ids(SEGMENTATION_TOKENS)
         self.separator_ids = [int(i) for i in np.asarray(self.tokenize("\n"))]
         if len(self.separator_ids) != 1:
-            raise ValueError(
+            raise InputError(
                 'The SentencePiece model encodes the separator "\\n" as '
                 f"{self.separator_ids}; PaliGemma needs it as one piece. Train "
                 "with normalization_rule_name='identity' and "
@@ -82,7 +84,7 @@ class PaliGemma2Tokenizer(keras_hub.tokenizers.SentencePieceTokenizer):
         # A missing piece maps to the unknown id, which breaks the run.
         ids = [self.token_to_id(token) for token in tokens]
         if ids != list(range(ids[0], ids[0] + len(ids))):
-            raise ValueError(
+            raise InputError(
                 f"The SentencePiece model lacks {tokens[0]}..{tokens[-1]} as "
                 "single pieces with consecutive ids. Use the PaliGemma "
                 "tokenizer (tokenizer.model of the Hub repositories) or "

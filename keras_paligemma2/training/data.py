@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 
 from keras_paligemma2.preprocessing.preprocessor import PaliGemma2CausalLMPreprocessor
+from keras_paligemma2.utils.errors import InputError
 
 
 class RawBatches(keras.utils.PyDataset):
@@ -37,22 +38,22 @@ class RawBatches(keras.utils.PyDataset):
     def __init__(self, preprocessor, examples, batch_size=32, shuffle=True, seed=0):
         super().__init__()
         if not isinstance(examples, dict):
-            raise ValueError(f"Pass a dict of examples; got {type(examples).__name__}.")
+            raise InputError(f"Pass a dict of examples; got {type(examples).__name__}.")
         missing = [k for k in ("images", "prompts", "responses") if k not in examples]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"Training examples lack {missing}; pass images, prompts and responses."
             )
         lengths = {k: len(examples[k]) for k in ("images", "prompts", "responses")}
         if len(set(lengths.values())) != 1:
-            raise ValueError(
+            raise InputError(
                 f"images, prompts and responses must have one entry per example; got {lengths}."
             )
         self.preprocessor = preprocessor
         self.examples = examples
         self.count = lengths["prompts"]
         if self.count == 0:
-            raise ValueError("No training examples given.")
+            raise InputError("No training examples given.")
         self.batch_size = int(batch_size or 32)
         self.shuffle = shuffle
         self.seed = seed
@@ -86,7 +87,7 @@ class RawBatches(keras.utils.PyDataset):
             return _preprocess(self.preprocessor, batch)
         except ValueError as error:
             # The preprocessor counts within the batch; name the examples.
-            raise ValueError(
+            raise InputError(
                 f"Batch {index} (examples {rows.tolist()} of the data set): {error}"
             ) from error
 
@@ -118,11 +119,11 @@ def preprocessed_dataset(data, preprocessor, image_rank=4):
     if not (isinstance(spec, dict) and "prompts" in spec):
         return data
     if preprocessor is None:
-        raise ValueError("Raw examples need a preprocessor; this model has none.")
+        raise InputError("Raw examples need a preprocessor; this model has none.")
     keys = ("images", "prompts", "responses")
     missing = [k for k in keys if k not in spec]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"The dataset's elements lack {missing}; give images, prompts and responses."
         )
 
@@ -162,7 +163,7 @@ def _preprocess_raw(preprocessor, batch):
     if not (isinstance(batch, dict) and "prompts" in batch):
         return batch
     if preprocessor is None:
-        raise ValueError("Raw examples need a preprocessor; this model has none.")
+        raise InputError("Raw examples need a preprocessor; this model has none.")
     batch = dict(batch)
     for key in ("prompts", "responses"):
         if key in batch:
@@ -201,7 +202,7 @@ def _image(value):
         try:
             return PIL.Image.open(io.BytesIO(value))
         except (OSError, ValueError) as error:
-            raise ValueError(
+            raise InputError(
                 f"An image given as {len(value)} bytes is neither an existing file "
                 f"path nor a decodable image ({error})."
             ) from error

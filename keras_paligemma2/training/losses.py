@@ -3,12 +3,14 @@
 import keras
 from keras import ops
 
+from keras_paligemma2.utils.errors import InputError
+
 LOSS_NORMALIZATIONS = ("per_example", "per_token")
 
 
 def _check_normalization(normalization):
     if normalization not in LOSS_NORMALIZATIONS:
-        raise ValueError(
+        raise InputError(
             f"normalization must be one of {LOSS_NORMALIZATIONS}; got {normalization!r}."
         )
 
@@ -68,7 +70,7 @@ class ResponseCrossEntropy(keras.losses.Loss):
         kwargs.pop("reduction", None)  # The normalization decides.
         super().__init__(name=name, **kwargs)
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}.")
+            raise InputError(f"label_smoothing must be in [0, 1); got {label_smoothing}.")
         _check_normalization(normalization)
         self.label_smoothing = label_smoothing
         self.normalization = normalization

@@ -7,6 +7,7 @@ import keras
 from keras import ops
 
 from keras_paligemma2.checkpoints.big_vision import big_vision_name
+from keras_paligemma2.utils.errors import InputError
 
 
 def big_vision_warmup_steps(total_steps, warmup_fraction):
@@ -40,9 +41,9 @@ class BigVisionSchedule(keras.optimizers.schedules.LearningRateSchedule):
     def __init__(self, total_steps, peak=1.0, warmup_steps=0):
         total_steps, warmup_steps = int(total_steps), int(warmup_steps)
         if total_steps < 1:
-            raise ValueError(f"total_steps must be at least 1; got {total_steps}.")
+            raise InputError(f"total_steps must be at least 1; got {total_steps}.")
         if total_steps > 1 and not 0 <= warmup_steps < total_steps:
-            raise ValueError(
+            raise InputError(
                 f"warmup_steps ({warmup_steps}) must be below total_steps ({total_steps})."
             )
         self.total_steps = total_steps
@@ -157,7 +158,7 @@ class BigVisionAdam(keras.optimizers.Optimizer):
     ):
         for unsupported in ("clipnorm", "clipvalue", "weight_decay_decouple"):
             if kwargs.pop(unsupported, None) is not None:
-                raise ValueError(
+                raise InputError(
                     f"BigVisionAdam takes no {unsupported}: big_vision clips by global norm."
                 )
         schedule = big_vision_schedule(total_steps, learning_rate, warmup_fraction)
@@ -257,7 +258,7 @@ class BigVisionAdam(keras.optimizers.Optimizer):
         config = super().get_config()
         config.pop("learning_rate", None)
         if callable(self.weight_decay_mults):
-            raise ValueError(
+            raise InputError(
                 "A BigVisionAdam with a function for weight_decay_mults cannot be serialised."
             )
         config.update(

@@ -11,8 +11,10 @@ replace or accompany `suffix`.
 import json
 import os
 
+from keras_paligemma2.utils.errors import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError):
     """A data set line that cannot be used; the message names file and line."""
 
 

@@ -16,10 +16,11 @@ import ml_dtypes
 import numpy as np
 from numpy.lib import format as npy_format
 
+from keras_paligemma2.utils.errors import InputError
 from keras_paligemma2.utils.files import atomic_file
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
@@ -118,7 +119,7 @@ def _stored_member(path, raw, info, file_size):
     raw.seek(info.header_offset)
     header = raw.read(30)
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise ValueError(f"bad zip header for member {info.filename!r}")
+        raise InputError(f"bad zip header for member {info.filename!r}")
     name_len = int.from_bytes(header[26:28], "little")
     extra_len = int.from_bytes(header[28:30], "little")
     raw.seek(info.header_offset + 30 + name_len + extra_len)
@@ -126,7 +127,7 @@ def _stored_member(path, raw, info, file_size):
     offset = raw.tell()
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if offset + nbytes > file_size:
-        raise ValueError(
+        raise InputError(
             f"member {info.filename!r} ends at byte {offset + nbytes} but the "
             f"file has {file_size} bytes"
         )
@@ -158,9 +159,9 @@ def _read_npy_header(stream, name):
     elif version == (2, 0):
         shape, fortran_order, dtype = npy_format.read_array_header_2_0(stream)
     else:
-        raise ValueError(f"unsupported .npy version {version} in {name!r}")
+        raise InputError(f"unsupported .npy version {version} in {name!r}")
     if dtype.hasobject:
-        raise ValueError(f"member {name!r} holds Python objects")
+        raise InputError(f"member {name!r} holds Python objects")
     return shape, fortran_order, dtype
 
 
@@ -217,7 +218,7 @@ def read_safetensors_lazily(path):
             file_size = os.fstat(f.fileno()).st_size
             header_len = int.from_bytes(f.read(8), "little")
             if not 0 < header_len <= min(file_size - 8, 100 * 2**20):
-                raise ValueError(f"header length {header_len} does not fit the file")
+                raise InputError(f"header length {header_len} does not fit the file")
             header = json.loads(f.read(header_len))
     except (OSError, ValueError) as error:
         raise unreadable_checkpoint(path, error) from error
@@ -264,7 +265,7 @@ def write_safetensors(path, tensors):
         if not array.flags.c_contiguous:
             array = array.copy(order="C")  # (np.ascontiguousarray makes 0-d 1-d)
         if array.dtype not in codes:
-            raise ValueError(f"Cannot store {name!r} of dtype {array.dtype} in safetensors.")
+            raise InputError(f"Cannot store {name!r} of dtype {array.dtype} in safetensors.")
         header[name] = {
             "dtype": codes[array.dtype],
             "shape": list(array.shape),
@@ -287,7 +288,7 @@ def _by_path(variables):
     named = {}
     for variable in variables:
         if variable.path in named:
-            raise ValueError(f"Two variables share the path {variable.path!r}.")
+            raise InputError(f"Two variables share the path {variable.path!r}.")
         named[variable.path] = variable
     return named
 
