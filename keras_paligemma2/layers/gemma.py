@@ -13,6 +13,7 @@ import math
 import keras
 from keras import ops
 
+from keras_paligemma2.layers import projections
 from keras_paligemma2.layers.attention import apply_rope
 from keras_paligemma2.layers.attention import dot_product_attention
 
@@ -167,10 +168,10 @@ class DecoderAttention(keras.layers.Layer):
         hidden_dim = input_shape[-1]
         n, k, h = self.num_query_heads, self.num_key_value_heads, self.head_dim
         common = dict(dtype=self.dtype_policy)
-        self.query = keras.layers.EinsumDense("btd,ndh->btnh", (None, n, h), name="query", **common)
-        self.key = keras.layers.EinsumDense("bsd,kdh->bskh", (None, k, h), name="key", **common)
-        self.value = keras.layers.EinsumDense("bsd,kdh->bskh", (None, k, h), name="value", **common)
-        self.output_projection = keras.layers.EinsumDense(
+        self.query = projections.EinsumDense("btd,ndh->btnh", (None, n, h), name="query", **common)
+        self.key = projections.EinsumDense("bsd,kdh->bskh", (None, k, h), name="key", **common)
+        self.value = projections.EinsumDense("bsd,kdh->bskh", (None, k, h), name="value", **common)
+        self.output_projection = projections.EinsumDense(
             "btnh,nhd->btd", (None, hidden_dim), name="output", **common
         )
         self.query.build(input_shape)
@@ -247,9 +248,9 @@ class GatedMLP(keras.layers.Layer):
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
         common = dict(use_bias=False, dtype=self.dtype_policy)
-        self.gate = keras.layers.Dense(self.intermediate_dim, name="gate", **common)
-        self.up = keras.layers.Dense(self.intermediate_dim, name="up", **common)
-        self.down = keras.layers.Dense(hidden_dim, name="down", **common)
+        self.gate = projections.Dense(self.intermediate_dim, name="gate", **common)
+        self.up = projections.Dense(self.intermediate_dim, name="up", **common)
+        self.down = projections.Dense(hidden_dim, name="down", **common)
         self.gate.build(input_shape)
         self.up.build(input_shape)
         self.down.build(tuple(input_shape[:-1]) + (self.intermediate_dim,))

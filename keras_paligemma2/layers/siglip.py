@@ -10,7 +10,9 @@ flax parameters: q/k/v (W,N,H) with bias (N,H), out (N,H,W).
 import keras
 from keras import ops
 
+from keras_paligemma2.layers import projections
 from keras_paligemma2.layers.attention import dot_product_attention
+from keras_paligemma2.utils.errors import InputError
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma2")
@@ -29,14 +31,14 @@ class VisionAttention(keras.layers.Layer):
     def build(self, input_shape):
         width = input_shape[-1]
         if width % self.num_heads:
-            raise ValueError(f"ViT width {width} is not divisible by {self.num_heads} heads.")
+            raise InputError(f"ViT width {width} is not divisible by {self.num_heads} heads.")
         n, h = self.num_heads, width // self.num_heads
         self.head_dim = h
         common = dict(bias_axes="nh", dtype=self.dtype_policy)
-        self.query = keras.layers.EinsumDense("btw,wnh->btnh", (None, n, h), name="query", **common)
-        self.key = keras.layers.EinsumDense("btw,wnh->btnh", (None, n, h), name="key", **common)
-        self.value = keras.layers.EinsumDense("btw,wnh->btnh", (None, n, h), name="value", **common)
-        self.output_projection = keras.layers.EinsumDense(
+        self.query = projections.EinsumDense("btw,wnh->btnh", (None, n, h), name="query", **common)
+        self.key = projections.EinsumDense("btw,wnh->btnh", (None, n, h), name="key", **common)
+        self.value = projections.EinsumDense("btw,wnh->btnh", (None, n, h), name="value", **common)
+        self.output_projection = projections.EinsumDense(
             "btnh,nhw->btw",
             (None, width),
             bias_axes="w",
@@ -94,8 +96,8 @@ class VisionBlock(keras.layers.Layer):
         self.attention_norm = keras.layers.LayerNormalization(name="attention_norm", **norm)
         self.attention = VisionAttention(num_heads=self.num_heads, name="attention", **common)
         self.mlp_norm = keras.layers.LayerNormalization(name="mlp_norm", **norm)
-        self.mlp_in = keras.layers.Dense(self.intermediate_dim, name="mlp_in", **common)
-        self.mlp_out = keras.layers.Dense(width, name="mlp_out", **common)
+        self.mlp_in = projections.Dense(self.intermediate_dim, name="mlp_in", **common)
+        self.mlp_out = projections.Dense(width, name="mlp_out", **common)
         for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp_in):
             layer.build(input_shape)
         self.mlp_out.build(tuple(input_shape[:-1]) + (self.intermediate_dim,))
@@ -157,7 +159,7 @@ class VisionEncoder(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         if image_size % patch_size:
-            raise ValueError(
+            raise InputError(
                 f"image_size {image_size} is not a multiple of patch_size {patch_size}."
             )
         self.image_size = image_size

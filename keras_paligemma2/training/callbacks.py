@@ -6,6 +6,8 @@ import os
 
 import keras
 
+from keras_paligemma2.training import lora
+from keras_paligemma2.utils.errors import InputError
 from keras_paligemma2.utils.files import atomic_file
 from keras_paligemma2.utils.keras_internals import set_initial_epoch
 from keras_paligemma2.utils.tensor_files import read_state
@@ -23,6 +25,12 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     on from the next epoch; with `RawBatches` (whose batches depend only on
     the epoch number) the finished run has the same weights as an
     uninterrupted one. Use `steps_per_epoch` to checkpoint more often.
+
+    What trains is part of the state: the LoRA adapters (unmerged, with
+    their rank and alpha), quantised layers and trainable flags are recorded
+    in `progress.json`. A fresh model gets them from `restore_setup(model)`
+    before `compile`; `fit` refuses a model set up differently from the
+    checkpoint (it would resume a different training).
 
     Args:
         directory: str or path-like, where `state.safetensors` and
@@ -48,6 +56,44 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                 named["optimizer/" + v.path.split("/", 1)[-1]] = v
         return named
 
+    def _setup(self):
+        if not os.path.exists(self.progress_path):
+            return None
+        with open(self.progress_path) as f:
+            return json.load(f).get("training_setup")
+
+    def restore_setup(self, model):
+        """Gives a freshly built model the adapters, quantisation and
+        trainable flags the checkpoint was trained with (call before
+        `compile`); a no-op without a checkpoint or for a model already set
+        up so.
+
+        Args:
+            model: the `PaliGemma2CausalLM` (or backbone) to resume.
+        """
+        setup = self._setup()
+        backbone = getattr(model, "backbone", model)
+        if setup is None or lora.training_setup(backbone) == setup:
+            return
+        lora.apply_training_setup(backbone, setup)
+
+    def _check_setup(self):
+        setup = self._setup()
+        if setup is None:
+            return
+        have = lora.training_setup(getattr(self.model, "backbone", self.model))
+        differ = [key for key in setup if have.get(key) != setup[key]]
+        if differ:
+            raise InputError(
+                f"The checkpoint in {self.directory} was trained with other "
+                f"{', '.join(differ)} than this model has (adapters: "
+                f"{_count(setup['lora_adapters'])} saved, {_count(have['lora_adapters'])} here; "
+                f"quantised layers: {_count(setup['quantized_layers'])} saved, "
+                f"{_count(have['quantized_layers'])} here). Call "
+                "TrainingCheckpoint(directory).restore_setup(model) on the freshly built "
+                "model before compile() to resume it."
+            )
+
     def completed_epochs(self):
         """Epochs the saved state has finished (0 without a checkpoint)."""
         if not os.path.exists(self.progress_path):
@@ -64,6 +110,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         epoch = self.completed_epochs()
         if not epoch:
             return
+        self._check_setup()
         read_state(self.state_path, self._variables())
         set_initial_epoch(self.model, epoch)
         print(f"Resumed from {self.directory} after epoch {epoch}.")
@@ -81,7 +128,12 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         os.makedirs(self.directory, exist_ok=True)
         write_state(self.state_path, self._variables())
         with atomic_file(self.progress_path, "w") as f:
-            json.dump({"epoch": epoch + 1}, f)
+            setup = lora.training_setup(getattr(self.model, "backbone", self.model))
+            json.dump({"epoch": epoch + 1, "training_setup": setup}, f)
+
+
+def _count(entries):
+    return len(entries or ())
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):

@@ -1,0 +1,83 @@
+"""The model's projection layers: Keras' `EinsumDense` and `Dense`, saved
+with their LoRA adapters kept apart.
+
+Keras saves a LoRA-enabled layer with the adapters folded into its kernel
+(requantised, for an int8 / int4 kernel) and loads it back with both
+adapters set to zero: a resumed fine-tune would start from zero adapters,
+whose gradients are zero too. These layers save the base weights as Keras
+does without LoRA, under Keras' own keys, plus `lora_kernel_a` and
+`lora_kernel_b`, and load them back as they were. A file without adapters
+(any file Keras or an earlier version wrote) loads as in Keras.
+
+The classes keep Keras' names, `Dense` and `EinsumDense`: Keras files key a
+layer held in a list (the functional model's `image_projection`) by its
+class name, so another name would not find the weights of earlier saves.
+Use them as `projections.Dense`, beside `keras.layers.Dense`.
+"""
+
+import keras
+
+ADAPTER_KEYS = ("lora_kernel_a", "lora_kernel_b")
+
+
+class _KeepsAdapters:
+    """`save_own_variables` / `load_own_variables` that keep LoRA adapters
+    unmerged (see the module docstring)."""
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Keras' own quantisation of the layer (int8, int4, float8, GPTQ,
+        AWQ). Keras refuses subclasses unless told (`type_check`): these
+        compute exactly as their Keras class.
+
+        Args:
+            mode: str, Keras' quantisation mode ("int8", "int4", ...).
+            type_check: bool, ignored (see above).
+            config: a Keras `QuantizationConfig` or None.
+        """
+        return super().quantize(mode, type_check=False, config=config)
+
+    def save_own_variables(self, store):
+        if not self.lora_enabled:
+            return super().save_own_variables(store)
+        # With `lora_enabled` off, Keras writes the base variables as they
+        # are (nothing merged), under its own positional keys.
+        self.lora_enabled = False
+        try:
+            super().save_own_variables(store)
+        finally:
+            self.lora_enabled = True
+        for key in ADAPTER_KEYS:
+            store[key] = getattr(self, key)
+
+    def load_own_variables(self, store):
+        if not (self.lora_enabled and ADAPTER_KEYS[0] in store.keys()):
+            return super().load_own_variables(store)
+        self.lora_enabled = False
+        try:
+            # Keras checks the count of stored values (the base's plus the
+            # two adapters) against the layer's variables, then reads the
+            # base ones by position.
+            super().load_own_variables(store)
+        finally:
+            self.lora_enabled = True
+        for key in ADAPTER_KEYS:
+            getattr(self, key).assign(store[key])
+
+
+@keras.saving.register_keras_serializable(package="keras_paligemma2")
+class EinsumDense(_KeepsAdapters, keras.layers.EinsumDense):
+    """`keras.layers.EinsumDense` whose saves keep LoRA adapters unmerged.
+
+    Args:
+        **kwargs: `keras.layers.EinsumDense`'s (`equation`, `output_shape`,
+            `bias_axes`, `dtype`, `name`, ...).
+    """
+
+
+@keras.saving.register_keras_serializable(package="keras_paligemma2")
+class Dense(_KeepsAdapters, keras.layers.Dense):
+    """`keras.layers.Dense` whose saves keep LoRA adapters unmerged.
+
+    Args:
+        **kwargs: `keras.layers.Dense`'s (`units`, `dtype`, `name`, ...).
+    """
