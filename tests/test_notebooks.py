@@ -31,3 +31,12 @@ def test_notebook_runs(name, monkeypatch):
         if o.get("output_type") == "error"
     ]
     assert not errors
+    # No warnings in the cells' output (tqdm's "IProgress not found" widget
+    # warning, TensorFlow's CUDA probes on a CPU machine).
+    stderr = "".join(
+        o.get("text", "")
+        for cell in notebook.cells
+        for o in cell.get("outputs", [])
+        if o.get("name") == "stderr"
+    )
+    assert "Warning" not in stderr and "cuInit" not in stderr, stderr
