@@ -73,14 +73,16 @@ def main():
         for new in (32, 64):
             x = inputs(batch, PROMPT, rng)
             runs[("ours", new)] = lambda x=x, new=new: ours.generate(
-                x, max_new_tokens=new, stop_token_ids=None
+                x, max_new_tokens=new, stop_token_ids=None, strip_prompt=True
             )
             xk = inputs(batch, PROMPT + new, rng)
             runs[("keras-hub", new)] = lambda xk=xk, new=new: theirs.generate(
                 xk, max_length=PROMPT + new, stop_token_ids=None
             )
         x = inputs(batch, PROMPT, rng)
-        runs[("ours", 1)] = lambda: ours.generate(x, max_new_tokens=1, stop_token_ids=None)
+        runs[("ours", 1)] = lambda: ours.generate(
+            x, max_new_tokens=1, stop_token_ids=None, strip_prompt=True
+        )
         xk17 = inputs(batch, PROMPT + 1, rng)
         runs[("keras-hub", 17)] = lambda: theirs.generate(
             xk17, max_length=PROMPT + 1, stop_token_ids=None

@@ -150,7 +150,7 @@ def main():
 
     def ours_generate(batch, new, rng):
         x = inputs(batch, PROMPT, rng)
-        out = ours.generate(x, max_new_tokens=new, stop_token_ids=None)
+        out = ours.generate(x, max_new_tokens=new, stop_token_ids=None, strip_prompt=True)
         np.asarray(out["token_ids"])
 
     rng = np.random.default_rng(0)

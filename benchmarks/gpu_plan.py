@@ -50,7 +50,7 @@ def main():
         tokens = rng.integers(3, config["vocabulary_size"], (batch, TEXT)).astype("int32")
         if mode == "inference":
             x = {"images": images, "token_ids": tokens, "padding_mask": np.ones_like(tokens)}
-            lm.generate(x, max_new_tokens=TEXT, stop_token_ids=None)
+            lm.generate(x, max_new_tokens=TEXT, stop_token_ids=None, strip_prompt=True)
         else:
             if mode == "lora":
                 lm.enable_lora(8)

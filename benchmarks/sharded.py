@@ -76,7 +76,9 @@ def load(preset, mesh, fsdp):
             "token_ids": np.full((batch, 4), 2, "int32"),
             "padding_mask": np.ones((batch, 4), "int32"),
         }
-        lm.generate(x, max_new_tokens=4, stop_token_ids=None)  # Sharded decoding runs.
+        lm.generate(
+            x, max_new_tokens=4, stop_token_ids=None, strip_prompt=True
+        )  # Sharded decoding runs.
     peak = _memory_gib("VmHWM") - baseline
     line = f"load {seconds:.1f} s, per device {min(held.values()) / 2**30:.3f}-{max(held.values()) / 2**30:.3f} GiB"
     if mesh:

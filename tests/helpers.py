@@ -37,6 +37,28 @@ TINY_CONFIG = dict(
     head_dim=8,
     intermediate_dim=48,
 )
+# The same architecture as keras-hub's constructor spells it (PaliGemma 2:
+# post-norms, soft caps), for tests that build keras-hub's own model.
+KERAS_HUB_TINY = dict(
+    vocabulary_size=64,
+    image_size=28,
+    num_layers=2,
+    num_query_heads=4,
+    num_key_value_heads=2,
+    hidden_dim=32,
+    intermediate_dim=96,  # keras-hub counts both GeGLU halves: ours is 48.
+    head_dim=8,
+    vit_patch_size=14,
+    vit_num_heads=2,
+    vit_hidden_dim=16,
+    vit_num_layers=2,
+    vit_intermediate_dim=24,
+    use_post_ffw_norm=True,
+    use_post_attention_norm=True,
+    attention_logit_soft_cap=50.0,
+    final_logit_soft_cap=30.0,
+    query_head_dim_normalize=True,
+)
 # Words the tiny tokenizers know (with PaliGemma's `<loc>` / `<seg>` tokens,
 # which `train_tiny_sentencepiece` always adds).
 WORDS = (

@@ -81,7 +81,9 @@ def test_fixture_greedy_output_varies(reference):
 
 @pytest.mark.parametrize("variant", ["capon", "capoff"])
 def test_ragged_greedy_decode_equals_big_vision_at_every_step(models, reference, variant):
-    out = models[variant].generate(_prompts(reference), max_new_tokens=12, return_logits=True)
+    out = models[variant].generate(
+        _prompts(reference), max_new_tokens=12, return_logits=True, strip_prompt=True
+    )
     want_tokens = reference[f"greedy_{variant}_tokens"]
     want_logits = reference[f"greedy_{variant}_step_logits"]
     for row, (got, want) in enumerate(zip(_until_eos(out["token_ids"]), _until_eos(want_tokens))):
@@ -96,7 +98,10 @@ def test_ragged_greedy_decode_equals_big_vision_at_every_step(models, reference,
 @pytest.mark.parametrize("row", [0, 1, 2])
 def test_each_row_alone_equals_big_vision_alone(models, reference, row):
     out = models["capon"].generate(
-        _prompts(reference, slice(row, row + 1)), max_new_tokens=12, return_logits=True
+        _prompts(reference, slice(row, row + 1)),
+        max_new_tokens=12,
+        return_logits=True,
+        strip_prompt=True,
     )
     want = reference[f"greedy_capon_alone{row}_tokens"][0]
     np.testing.assert_array_equal(_until_eos(out["token_ids"])[0], _until_eos(want[None])[0])
@@ -125,7 +130,9 @@ def test_scoring_logits_equal_big_vision(models, reference, variant):
 
 @pytest.mark.parametrize("variant", ["capon", "capoff"])
 def test_beam_search_equals_big_vision(models, reference, variant):
-    out = models[variant].generate(_prompts(reference), max_new_tokens=12, beam_size=3)
+    out = models[variant].generate(
+        _prompts(reference), max_new_tokens=12, beam_size=3, strip_prompt=True
+    )
     np.testing.assert_array_equal(out["token_ids"], reference[f"beam_{variant}_tokens"])
 
 
@@ -152,7 +159,7 @@ def test_28b_style_query_scale_equals_big_vision(fixture_dir):
     )
     valid = text != 0
     assert_logits_close(logits[valid], reference["score_logits"][valid])
-    out = lm.generate(_prompts(reference), max_new_tokens=8, return_logits=True)
+    out = lm.generate(_prompts(reference), max_new_tokens=8, return_logits=True, strip_prompt=True)
     np.testing.assert_array_equal(out["token_ids"], reference["greedy_tokens"])
     assert_logits_close(out["logits"], reference["greedy_step_logits"])
     # The scale is really exercised: 1/sqrt(head_dim) gives other logits.

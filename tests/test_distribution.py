@@ -44,6 +44,7 @@ def reference():
         {k: x[k] for k in ("images", "token_ids", "padding_mask")},
         max_new_tokens=5,
         stop_token_ids=None,
+        strip_prompt=True,
     )["token_ids"]
     lm.compile(optimizer=keras.optimizers.SGD(0.1))
     lm.train_on_batch(x, y, sample_weight=w)
@@ -119,6 +120,7 @@ def test_sharded_forward_generation_and_steps_equal_single_device(reference, mes
             {k: x[k] for k in ("images", "token_ids", "padding_mask")},
             max_new_tokens=5,
             stop_token_ids=None,
+            strip_prompt=True,
         )
         np.testing.assert_array_equal(greedy["token_ids"], reference["greedy"])
         lm.compile(optimizer=keras.optimizers.SGD(0.1))
@@ -156,6 +158,7 @@ def test_sharded_lora_step_equals_single_device_and_int8_lora_runs(reference, me
             {k: x[k] for k in ("images", "token_ids", "padding_mask")},
             max_new_tokens=3,
             stop_token_ids=None,
+            strip_prompt=True,
         )
         assert tokens["token_ids"].shape == (8, 3)
         kernel = quantized.backbone.decoder_blocks[0].mlp.gate._kernel

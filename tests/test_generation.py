@@ -31,6 +31,7 @@ def test_big_vision_greedy_and_first_step_logits(fixtures_dir, implementation):
             {"images": reference["images"], "token_ids": prompt, "padding_mask": mask},
             max_new_tokens=8,
             stop_token_ids=None,
+            strip_prompt=True,
         )
         _, first = lm._decode_loop(reference["images"], prompt, mask, 8, [])
     np.testing.assert_array_equal(out["token_ids"], reference["greedy"])
@@ -51,6 +52,7 @@ def test_hf_greedy(fixtures_dir):
         },
         max_new_tokens=8,
         stop_token_ids=None,
+        strip_prompt=True,
     )
     np.testing.assert_array_equal(out["token_ids"], reference["gen_output_ids"])
 
@@ -95,6 +97,7 @@ def test_cache_matches_full_forward_past_the_window(random_lm):
         {"images": image[None], "token_ids": np.array([prompt]), "padding_mask": np.ones((1, 5))},
         max_new_tokens=6,
         stop_token_ids=None,
+        strip_prompt=True,
     )
     assert out["token_ids"][0].tolist() == _teacher_forced_greedy(random_lm, image, prompt, 6)
 
@@ -127,6 +130,7 @@ def test_stop_tokens_end_rows(random_lm):
         {"images": images, "token_ids": np.array([[2, 5]]), "padding_mask": np.ones((1, 2))},
         max_new_tokens=6,
         stop_token_ids=None,
+        strip_prompt=True,
     )["token_ids"][0]
     stop = int(free[2])
     first_stop = list(free).index(stop)
@@ -134,6 +138,7 @@ def test_stop_tokens_end_rows(random_lm):
         {"images": images, "token_ids": np.array([[2, 5]]), "padding_mask": np.ones((1, 2))},
         max_new_tokens=6,
         stop_token_ids=[stop],
+        strip_prompt=True,
     )
     assert out["token_ids"][0, : first_stop + 1].tolist() == free[: first_stop + 1].tolist()
     assert out["padding_mask"][0].tolist() == [1] * (first_stop + 1) + [0] * (5 - first_stop)
@@ -171,6 +176,7 @@ def test_bad_generate_inputs(random_lm):
                 "padding_mask": np.ones((1, 2)),
             },
             max_length=2,
+            strip_prompt=True,
         )
     with pytest.raises(ValueError, match="not left-aligned"):
         random_lm.generate(
@@ -178,7 +184,8 @@ def test_bad_generate_inputs(random_lm):
                 "images": np.zeros((1, 28, 28, 3)),
                 "token_ids": np.array([[0, 2]]),
                 "padding_mask": np.array([[0, 1]]),
-            }
+            },
+            strip_prompt=True,
         )
 
 
@@ -283,16 +290,24 @@ def test_generate_with_top_k_alone_samples(random_lm):
         "token_ids": np.array([[2, 5, 6]]),
         "padding_mask": np.array([[1, 1, 1]]),
     }
-    greedy = random_lm.generate(inputs, max_new_tokens=16, stop_token_ids=None)["token_ids"]
+    greedy = random_lm.generate(inputs, max_new_tokens=16, stop_token_ids=None, strip_prompt=True)[
+        "token_ids"
+    ]
     drawn = [
-        random_lm.generate(inputs, max_new_tokens=16, stop_token_ids=None, top_k=50, seed=s)[
-            "token_ids"
-        ]
+        random_lm.generate(
+            inputs, max_new_tokens=16, stop_token_ids=None, top_k=50, seed=s, strip_prompt=True
+        )["token_ids"]
         for s in range(6)
     ]
     assert any((d != greedy).any() for d in drawn)
     at_one = random_lm.generate(
-        inputs, max_new_tokens=16, stop_token_ids=None, top_k=50, temperature=1.0, seed=5
+        inputs,
+        max_new_tokens=16,
+        stop_token_ids=None,
+        top_k=50,
+        temperature=1.0,
+        seed=5,
+        strip_prompt=True,
     )["token_ids"]
     np.testing.assert_array_equal(drawn[5], at_one)
     with pytest.raises(ValueError, match="temperature=0"):
@@ -306,9 +321,15 @@ def test_sampling_is_reproducible_and_differs_from_greedy(random_lm):
         "token_ids": np.array([[2, 5, 6], [2, 7, 0]]),
         "padding_mask": np.array([[1, 1, 1], [1, 1, 0]]),
     }
-    a = random_lm.generate(inputs, max_new_tokens=8, stop_token_ids=None, temperature=2.0, seed=1)
-    b = random_lm.generate(inputs, max_new_tokens=8, stop_token_ids=None, temperature=2.0, seed=1)
-    c = random_lm.generate(inputs, max_new_tokens=8, stop_token_ids=None, temperature=2.0, seed=2)
+    a = random_lm.generate(
+        inputs, max_new_tokens=8, stop_token_ids=None, temperature=2.0, seed=1, strip_prompt=True
+    )
+    b = random_lm.generate(
+        inputs, max_new_tokens=8, stop_token_ids=None, temperature=2.0, seed=1, strip_prompt=True
+    )
+    c = random_lm.generate(
+        inputs, max_new_tokens=8, stop_token_ids=None, temperature=2.0, seed=2, strip_prompt=True
+    )
     np.testing.assert_array_equal(a["token_ids"], b["token_ids"])
     assert (a["token_ids"] != c["token_ids"]).any()
 
@@ -346,6 +367,7 @@ def test_several_images_per_example(tmp_path):
         {"images": images, "token_ids": ids, "padding_mask": np.ones((1, 3))},
         max_new_tokens=3,
         stop_token_ids=None,
+        strip_prompt=True,
     )
     assert out["token_ids"].shape == (1, 3)
     # Swapping the two images changes the answer's logits: their order matters.
@@ -428,6 +450,7 @@ def test_beam_search_equals_brute_force_when_the_beam_holds_everything(seed):
         max_new_tokens=3,
         beam_size=25,  # 5 x 5 non-eos continuations: nothing is ever pruned.
         stop_token_ids=[1],
+        strip_prompt=True,
     )
     got = out["token_ids"][0][out["padding_mask"][0] == 1].tolist()
     assert got == best
@@ -445,6 +468,7 @@ def test_small_beam_never_beats_brute_force_and_batches_exactly():
         max_new_tokens=3,
         beam_size=2,
         stop_token_ids=[1],
+        strip_prompt=True,
     )
     for row, prompt in enumerate(prompts):
         alone = lm.generate(
@@ -456,6 +480,7 @@ def test_small_beam_never_beats_brute_force_and_batches_exactly():
             max_new_tokens=3,
             beam_size=2,
             stop_token_ids=[1],
+            strip_prompt=True,
         )
         np.testing.assert_array_equal(batch["token_ids"][row], alone["token_ids"][0])
         _, best_score = _brute_force_best(lm, images[row], prompt, max_new=3)
@@ -504,6 +529,7 @@ def test_final_soft_cap_scope(random_lm, scope):
         {"images": image, "token_ids": prompt, "padding_mask": np.ones_like(prompt)},
         max_new_tokens=2,
         stop_token_ids=None,
+        strip_prompt=True,
     )
     first = int(out["token_ids"][0, 0])
     ids = np.concatenate([prompt, [[first]]], axis=1)

@@ -22,6 +22,7 @@ from keras_paligemma2.checkpoints.assignment import load_model
 from keras_paligemma2.preprocessing.image_converter import PaliGemma2ImageConverter
 from keras_paligemma2.preprocessing.preprocessor import PaliGemma2CausalLMPreprocessor
 from keras_paligemma2.preprocessing.tokenizer import PaliGemma2Tokenizer
+from keras_paligemma2.utils.errors import InputError
 from keras_paligemma2.utils.keras_internals import forget_pending_initialization
 from keras_paligemma2.utils.keras_internals import has_value
 from keras_paligemma2.utils.keras_internals import initialize_layout
@@ -52,7 +53,7 @@ def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
     if preset in presets.PRESETS:
         return _load_registered(cls, preset, load_weights, source, overrides)
     if source is not None:
-        raise ValueError(f"`source` applies to registered preset names only, not {preset!r}.")
+        raise InputError(f"`source` applies to registered preset names only, not {preset!r}.")
     if os.path.isfile(preset):
         if not zipfile.is_zipfile(preset):
             with open(preset, "rb") as f:
@@ -90,7 +91,7 @@ def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
         )
     if "://" in preset:
         return _load_keras_preset(cls, preset, load_weights, overrides)
-    raise ValueError(presets.unknown_preset_message(preset))
+    raise InputError(presets.unknown_preset_message(preset))
 
 
 def _embedded(name, source):
@@ -98,7 +99,7 @@ def _embedded(name, source):
     if name not in presets.EMBEDDED:
         return name
     if source is not None:
-        raise ValueError(f"{name!r} ships with the package; it takes no `source`.")
+        raise InputError(f"{name!r} ships with the package; it takes no `source`.")
     directory = presets.embedded_preset_dir(name)
     if directory is None:
         raise CheckpointError(
@@ -197,7 +198,7 @@ def _load_registered(cls, name, load_weights, source, overrides):
         return cls(**{**entry["config"], **overrides})
     source = source or "big_vision"
     if source not in presets.SOURCES:
-        raise ValueError(
+        raise InputError(
             f"Unknown source {source!r} for {name!r}; choose one of "
             f"{list(presets.SOURCES)} (default 'big_vision')."
         )
@@ -251,13 +252,15 @@ def load_task(cls, preset, load_weights=True, source=None, **overrides):
         source: None, "big_vision", "transformers" or "keras_hub"; for
             registered names only.
         **overrides: backbone constructor arguments replacing the checkpoint's
-            config; for this package's Keras presets also `preprocessor`.
+            config, and `preprocessor` (a preprocessor, or None) replacing the
+            one the checkpoint brings, as keras-hub's `from_preset` takes it.
     """
+    given = {"preprocessor": overrides.pop("preprocessor")} if "preprocessor" in overrides else {}
     path = _embedded(os.fspath(preset), source)
     keras_preset = os.path.isdir(path) and _is_keras_preset(path) or "://" in path
     if keras_preset and _keras_preset_class(path) == cls.backbone_cls.__name__:
-        if "preprocessor" in overrides:
-            preprocessor = overrides.pop("preprocessor")
+        if given:
+            preprocessor = given["preprocessor"]
         elif preset_file_exists(path, "tokenizer.json"):
             preprocessor = load_preset_preprocessor(path, cls.preprocessor_cls)
         else:
@@ -265,6 +268,8 @@ def load_task(cls, preset, load_weights=True, source=None, **overrides):
         backbone = load_backbone(cls.backbone_cls, path, load_weights, source, **overrides)
         return cls(backbone=backbone, preprocessor=preprocessor)
     backbone = load_backbone(cls.backbone_cls, path, load_weights, source, **overrides)
+    if given:
+        return cls(backbone=backbone, preprocessor=given["preprocessor"])
     tokenizer = _find_tokenizer(path, source)
     preprocessor = None
     if tokenizer is not None:
@@ -309,7 +314,7 @@ def _check_overrides(cls, overrides):
     accepted |= {"name", "trainable"}
     unknown = sorted(set(overrides) - accepted)
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"Unknown config overrides {unknown} for {cls.__name__}. Accepted: {sorted(accepted)}."
         )
 

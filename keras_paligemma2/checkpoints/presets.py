@@ -10,6 +10,8 @@ import difflib
 import json
 import os
 
+from keras_paligemma2.utils.errors import InputError
+
 # Gemma 2 decoders (big_vision `models/ppp/gemma.py`, `get_config`). 28B
 # scales queries by 1/sqrt(hidden_dim / num_query_heads) = 1/sqrt(144)
 # (`query_pre_attn_norm="rsqrt_emb_per_head"`), the others by 1/sqrt(head_dim).
@@ -52,8 +54,13 @@ SIGLIP_SO400M = dict(
     vit_intermediate_dim=4304,
 )
 
+# PaliGemma's Gemma tokenizer: 257,152 ids (256,000 + 1,024 `<loc>` + 128
+# `<seg>`); "\n", the prompt/reply separator, is id 108 in it.
+GEMMA_VOCABULARY_SIZE = 257_152
+GEMMA_SEPARATOR_ID = 108
+
 COMMON = dict(
-    vocabulary_size=257_152,
+    vocabulary_size=GEMMA_VOCABULARY_SIZE,
     attention_logit_soft_cap=50.0,
     final_logit_soft_cap=None,
     sliding_window_size=None,
@@ -182,7 +189,7 @@ def preset_config(name):
     directory = embedded_preset_dir(name) if name in EMBEDDED else name
     config_file = os.path.join(str(directory or ""), "config.json")
     if not os.path.isfile(config_file):
-        raise ValueError(unknown_preset_message(name))
+        raise InputError(unknown_preset_message(name))
     with open(config_file) as f:
         config = json.load(f)["config"]
     # Keras' layer keys, not the architecture's.

@@ -1,5 +1,7 @@
 """`PaliGemma2Backbone`: SigLIP encoder, linear projector and Gemma 2 decoder."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import keras
@@ -9,12 +11,17 @@ from keras import ops
 
 from keras_paligemma2.checkpoints import load_backbone
 from keras_paligemma2.checkpoints import presets
+from keras_paligemma2.layers import projections
 from keras_paligemma2.layers.attention import make_attention_mask
 from keras_paligemma2.layers.gemma import DecoderBlock
 from keras_paligemma2.layers.gemma import RMSNorm
 from keras_paligemma2.layers.gemma import TokenEmbedding
 from keras_paligemma2.layers.siglip import VisionEncoder
+from keras_paligemma2.models.layouts import ShapeRuleLayoutMap
+from keras_paligemma2.models.layouts import check_axes
 from keras_paligemma2.models.layouts import layout_map_for
+from keras_paligemma2.training import lora
+from keras_paligemma2.utils.errors import InputError
 from keras_paligemma2.utils.files import DEFAULT_MAX_SHARD_SIZE_GB
 from keras_paligemma2.utils.files import atomic_directory
 
@@ -76,6 +83,14 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             (B, num_images, S, S, 3) and their tokens come in order.
         dtype: Keras dtype policy (or its name) for variables and computation;
             None uses Keras' global policy.
+        lora_adapters: None, or {projection name: [rank, alpha]}: the layers
+            built with LoRA adapters (names as `lora.named_projections`, e.g.
+            "decoder_block_3/attention/query"). Written by `get_config` for
+            a model on which `enable_lora` was called, so that saves keep the
+            adapters unmerged.
+        trainable_variables: None (every weight trains), or the list of the
+            variable paths that train (the others are frozen), as
+            `enable_lora` / `set_trainable` left them.
         **kwargs: passed to `keras_hub.models.Backbone` (`name`, `trainable`).
 
     Inputs: dict with `images` (B, image_size, image_size, 3) in [-1, 1],
@@ -130,15 +145,17 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         rope_max_wavelength=10_000,
         num_images=1,
         dtype=None,
+        lora_adapters=None,
+        trainable_variables=None,
         **kwargs,
     ):
         if num_query_heads % num_key_value_heads:
-            raise ValueError(
+            raise InputError(
                 f"num_query_heads ({num_query_heads}) must be a multiple of "
                 f"num_key_value_heads ({num_key_value_heads})."
             )
         if final_logit_soft_cap_scope not in ("all", "decode_steps"):
-            raise ValueError(
+            raise InputError(
                 'final_logit_soft_cap_scope must be "all" (HF, keras-hub) or '
                 f'"decode_steps" (big_vision); got {final_logit_soft_cap_scope!r}.'
             )
@@ -157,7 +174,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             dtype=dtype,
             name="vision_encoder",
         )
-        self.image_projection = keras.layers.Dense(hidden_dim, dtype=dtype, name="image_projection")
+        self.image_projection = projections.Dense(hidden_dim, dtype=dtype, name="image_projection")
         self.token_embedding = TokenEmbedding(
             vocabulary_size, hidden_dim, dtype=dtype, name="token_embedding"
         )
@@ -180,7 +197,7 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
 
         # === Functional model ===
         if num_images < 1:
-            raise ValueError(f"num_images must be at least 1; got {num_images}.")
+            raise InputError(f"num_images must be at least 1; got {num_images}.")
         self.num_images = num_images
         self.num_image_tokens = num_images * self.vision_encoder.num_patches
         image_shape = (image_size, image_size, 3)
@@ -215,6 +232,10 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             **kwargs,
         )
 
+        lora.apply_training_setup(
+            self, {"lora_adapters": lora_adapters, "trainable_variables": trainable_variables}
+        )
+
         # === Config ===
         self.image_size = image_size
         self.patch_size = patch_size
@@ -238,26 +259,64 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         self.vit_layer_norm_epsilon = vit_layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
 
-    @classmethod
-    def get_layout_map(cls, device_mesh, config, model_axis="model", data_axis="batch", fsdp=False):
-        """A `keras.distribution.LayoutMap` for the backbone `config` (a dict or
-        a registered preset name) on `device_mesh`, valid for any mesh shape:
-        a dimension is sharded only where the axis divides it (see
-        `keras_paligemma2.models.layouts`). `fsdp=True` also shards weights over
-        the data axis, for training.
+    def default_lora_layer_names(self):
+        """keras-hub's LoRA targets: the query and value projections of the
+        decoder and the ViT (the names keras-hub's PaliGemma lists that
+        exist here)."""
+        return ["query", "value"]
+
+    def enable_lora(self, rank, target_layer_names=None):
+        """keras-hub's `Backbone.enable_lora`: freezes every weight and adds
+        rank-`rank` adapters (scale 1: alpha = rank) to the layers named
+        `target_layer_names`, by default the decoder's and the ViT's query
+        and value projections. The task's `enable_lora(rank, alpha,
+        targets)` chooses by group instead (decoder attention and MLP by
+        default); both make the same adapters, saved and loaded by path.
 
         Args:
-            device_mesh: `keras.distribution.DeviceMesh` with both `model_axis` and
-                `data_axis` among its axis names (else a ValueError).
-            config: dict of backbone constructor arguments, or a registered or
-                shipped preset name (or a Keras preset directory).
-            model_axis: str, the tensor-parallel mesh axis (default "model").
-            data_axis: str, the data-parallel mesh axis (default "batch").
-            fsdp: bool; also shard large weights over `data_axis` (default False).
+            rank: int >= 1, the adapters' rank.
+            target_layer_names: None (`default_lora_layer_names()`) or a list
+                of layer names, e.g. ["query", "key", "value", "output"].
+        """
+        names = (
+            self.default_lora_layer_names() if target_layer_names is None else target_layer_names
+        )
+        lora.enable_lora_by_layer_name(self, rank, names)
+
+    @classmethod
+    def get_layout_map(
+        cls,
+        device_mesh,
+        model_parallel_dim_name="model",
+        data_parallel_dim_name="batch",
+        *,
+        config=None,
+        fsdp=False,
+    ):
+        """A `keras.distribution.LayoutMap` for the backbone's weights on
+        `device_mesh`, valid for any mesh shape: a dimension is sharded only
+        where the axis divides it (see `keras_paligemma2.models.layouts`).
+
+        keras-hub's signature: without `config`, each weight's layout is
+        decided when it is created, from its path and shape. With `config`
+        every entry is listed up front (inspectable, no creation needed).
+
+        Args:
+            device_mesh: `keras.distribution.DeviceMesh` with both axes
+                among its axis names (else a ValueError).
+            model_parallel_dim_name: str, the tensor-parallel mesh axis
+                (default "model", keras-hub's name).
+            data_parallel_dim_name: str, the data-parallel mesh axis
+                (default "batch").
+            config: None, a dict of backbone constructor arguments, or a
+                registered or shipped preset name (or a Keras preset
+                directory).
+            fsdp: bool; also shard large weights over the data axis, for
+                training (default False).
 
         Returns:
-            A `PathLayoutMap` (a `keras.distribution.LayoutMap` looked up by
-            exact variable path).
+            A `keras.distribution.LayoutMap` (`ShapeRuleLayoutMap` without a
+            config, `PathLayoutMap`, looked up by exact path, with one).
 
         Example:
         ```python
@@ -265,13 +324,26 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         from keras_paligemma2 import PaliGemma2Backbone
 
         mesh = keras.distribution.DeviceMesh((1, 8), ("batch", "model"))
-        layouts = PaliGemma2Backbone.get_layout_map(mesh, "pg2_10b_224")
+        layouts = PaliGemma2Backbone.get_layout_map(mesh, model_parallel_dim_name="model")
         keras.distribution.set_distribution(
             keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch"))
         ```
         """
+        model_axis, data_axis = model_parallel_dim_name, data_parallel_dim_name
+        if model_axis not in device_mesh.axis_names and (
+            isinstance(model_axis, dict)
+            or model_axis in presets.list_presets()
+            or os.path.isdir(str(model_axis))
+        ):
+            raise InputError(
+                f"get_layout_map's second argument is keras-hub's model_parallel_dim_name "
+                f"(a mesh axis); pass the backbone config as config={model_axis!r}."
+            )
+        if config is None:
+            return ShapeRuleLayoutMap(device_mesh, model_axis, data_axis, fsdp)
         if isinstance(config, str):
             config = presets.preset_config(config)
+        check_axes(device_mesh, model_axis, data_axis)
         return layout_map_for(device_mesh, cls.weight_shapes(config), model_axis, data_axis, fsdp)
 
     @classmethod
@@ -375,8 +447,16 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             vit_layer_norm_epsilon=self.vit_layer_norm_epsilon,
             rope_max_wavelength=self.rope_max_wavelength,
             num_images=self.num_images,
+            **self._training_state(),
         )
         return config
+
+    def _training_state(self):
+        # Quantisation modes are kept by keras-hub's `Backbone.get_config`
+        # (a `DTypePolicyMap` by layer path), so they are not repeated here.
+        setup = lora.training_setup(self)
+        del setup["quantized_layers"]
+        return setup
 
     def save_to_preset(self, preset_dir, max_shard_size=DEFAULT_MAX_SHARD_SIZE_GB):
         """Writes a Keras preset directory that `from_preset` loads back exactly.
@@ -447,14 +527,14 @@ def validate_backbone_inputs(inputs, image_size, num_images=1):
             (B, num_images, S, S, 3)).
     """
     if not isinstance(inputs, dict):
-        raise ValueError(
+        raise InputError(
             "PaliGemma2Backbone takes a dict with keys "
             f"{list(_BACKBONE_INPUTS)}; got {type(inputs).__name__}."
         )
     missing = [k for k in _BACKBONE_INPUTS if k not in inputs]
     unknown = [k for k in inputs if k not in _BACKBONE_INPUTS]
     if missing or unknown:
-        raise ValueError(
+        raise InputError(
             f"Backbone inputs: missing keys {missing}, unexpected keys "
             f"{unknown}; expected exactly {list(_BACKBONE_INPUTS)}."
         )
@@ -462,35 +542,35 @@ def validate_backbone_inputs(inputs, image_size, num_images=1):
     shape = tuple(ops.shape(images))
     if num_images > 1:
         if len(shape) != 5 or shape[1] != num_images:
-            raise ValueError(
+            raise InputError(
                 f"This model takes {num_images} images per example: `images` "
                 "must have shape (batch, num_images, height, width, 3); got "
                 f"shape {shape}."
             )
         shape = (shape[0],) + shape[2:]
     if len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(
+        raise InputError(
             "`images` must have shape (batch, height, width, 3) with values in "
             f"[-1, 1]; got shape {shape}."
         )
     if shape[1:3] != (image_size, image_size):
-        raise ValueError(
+        raise InputError(
             f"`images` must be {image_size}x{image_size} for this model; got "
             f"{shape[1]}x{shape[2]}. Resize them first (the preprocessor's "
             "image converter does this)."
         )
     token_shape = tuple(ops.shape(inputs["token_ids"]))
     if len(token_shape) != 2:
-        raise ValueError(f"`token_ids` must have shape (batch, length); got {token_shape}.")
+        raise InputError(f"`token_ids` must have shape (batch, length); got {token_shape}.")
     for key in ("padding_mask", "response_mask"):
         mask_shape = tuple(ops.shape(inputs[key]))
         if mask_shape != token_shape:
-            raise ValueError(
+            raise InputError(
                 f"`{key}` has shape {mask_shape} but `token_ids` has shape "
                 f"{token_shape}; they must match."
             )
     if shape[0] is not None and token_shape[0] is not None and shape[0] != token_shape[0]:
-        raise ValueError(
+        raise InputError(
             f"Batch sizes differ: {shape[0]} images but {token_shape[0]} token sequences."
         )
     _check_image_range(images)
@@ -505,7 +585,7 @@ def _check_image_range(images):
         return  # Several hosts: each checks what it passed in.
     dtype = np.dtype(images.dtype) if hasattr(images, "dtype") else np.asarray(images).dtype
     if not np.issubdtype(dtype, np.floating):
-        raise ValueError(
+        raise InputError(
             f"`images` are {dtype}; the backbone takes float images in [-1, 1]. "
             "Pass raw images through PaliGemma2ImageConverter (the preprocessor "
             "does), or convert [0, 255] levels with `x / 127.5 - 1`."
@@ -515,7 +595,7 @@ def _check_image_range(images):
     low, high = float(jnp.min(images)), float(jnp.max(images))
     # Antialiased float resizes overshoot [0, 255] by ~1e-4 of a level.
     if not (np.isfinite(low) and np.isfinite(high)) or low < -1.001 or high > 1.001:
-        raise ValueError(
+        raise InputError(
             f"`images` must be in [-1, 1] (what PaliGemma2ImageConverter gives); "
             f"got values in [{low:.4g}, {high:.4g}]. Pass raw images through the "
             "converter (the preprocessor does), or convert [0, 255] levels with "

@@ -2,6 +2,7 @@
 
 import inspect
 import sys
+import warnings
 
 import keras
 import keras_hub
@@ -9,11 +10,14 @@ import numpy as np
 from keras import ops
 
 from keras_paligemma2.checkpoints import load_task
+from keras_paligemma2.checkpoints.presets import GEMMA_SEPARATOR_ID
+from keras_paligemma2.checkpoints.presets import GEMMA_VOCABULARY_SIZE
 from keras_paligemma2.layers.vq_vae import MaskDecoder
 from keras_paligemma2.models.backbone import PaliGemma2Backbone
 from keras_paligemma2.models.backbone import validate_backbone_inputs
 from keras_paligemma2.models.generation import DecodeLoop
 from keras_paligemma2.models.generation import Sampler
+from keras_paligemma2.models.generation import keras_hub_sampling
 from keras_paligemma2.models.task_outputs import parse_detections
 from keras_paligemma2.models.task_outputs import paste_mask
 from keras_paligemma2.preprocessing.image_converter import to_rgb_array
@@ -26,6 +30,7 @@ from keras_paligemma2.training.data import RawBatches
 from keras_paligemma2.training.data import preprocessed_dataset
 from keras_paligemma2.training.losses import ResponseAccuracy
 from keras_paligemma2.training.losses import ResponseCrossEntropy
+from keras_paligemma2.utils.errors import InputError
 from keras_paligemma2.utils.files import DEFAULT_MAX_SHARD_SIZE_GB
 from keras_paligemma2.utils.files import atomic_directory
 
@@ -88,6 +93,8 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
         # The KV-cache loop and its compiled functions, one per task.
         self._decode_loop = DecodeLoop(self)
+        # What generate samples with when not told (`compile(sampler=...)`).
+        self.sampler = "greedy"
 
     def text_logits(self, text_hidden, decode_step=False, soft_cap=True):
         """Tied-embedding logits in float32, soft-capped when configured.
@@ -114,71 +121,112 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
     def generate(
         self,
         inputs,
-        max_new_tokens=64,
         max_length=None,
         stop_token_ids="auto",
+        strip_prompt=None,
+        *,
+        max_new_tokens=None,
         temperature=None,
         top_k=None,
         top_p=None,
-        seed=0,
+        seed=None,
         beam_size=None,
         return_logits=False,
+        add_separator=False,
     ):
         """Decoding after a bidirectional prefill of image + prompt.
 
-        With a preprocessor: `inputs` is `{"images": ..., "prompts": ...}`
-        (one image and one string, or lists); returns the generated text
-        without the prompt (a string, or a list of them), cut at the stop
-        token. Without one: `inputs` holds `images`, `token_ids` and
-        `padding_mask` (left-aligned prompts, `<bos> prompt "\n"`); returns
-        `{"token_ids": (B, N) new tokens, "padding_mask": (B, N)}` with the
-        stop token kept and padding after it.
+        Text in (`{"images": ..., "prompts": ...}`, one image and one string
+        or lists; needs a preprocessor): returns the reply without the
+        prompt (a string, or a list of them), cut at the stop token; with
+        `strip_prompt=False` keras-hub's text, prompt + "\n" + reply.
+
+        Token ids in (`images`, `token_ids`, `padding_mask`: prompts
+        left-aligned, `<bos> prompt "\n"`): returns keras-hub's layout,
+        `{"token_ids", "padding_mask", "images"}` with each row's prompt
+        followed by its completion at the input's width (the padding is the
+        room to generate) and `padding_mask` True through the first stop
+        token (0 after it); with `strip_prompt=True` the new tokens only,
+        (B, N) from index 0.
+
+        Sampling: the arguments below, else the sampler given to `compile`
+        (keras-hub's names and `keras_hub.samplers` objects), else greedy.
 
         Args:
             inputs: see above.
-            max_new_tokens: int, the most tokens to generate per example.
-            max_length: int or None; if given, the most prompt + generated
-                text tokens (keras-hub's meaning), replacing max_new_tokens.
+            max_length: int or None; the most prompt + generated text tokens
+                (keras-hub's meaning: for token ids, the output width).
             stop_token_ids: "auto" (`<eos>`), None, or a list of ids.
+            strip_prompt: None (default: text gives the reply only, token
+                ids keras-hub's prompt + completion layout), True (reply /
+                new tokens only) or False (prompt + completion, keras-hub's).
+            max_new_tokens: int or None, the most tokens to generate per
+                example (default: 64 for text; for token ids the input's
+                padding). Not with `max_length`.
             temperature: float or None. 0 decodes greedily; above 0 samples
-                from the logits divided by it. None (default): greedy, or
-                1.0 when `top_k` / `top_p` is given (keras-hub's and
-                big_vision's samplers).
+                from the logits divided by it. None: the compiled sampler's,
+                else greedy, or 1.0 when `top_k` / `top_p` is given
+                (keras-hub's and big_vision's samplers).
             top_k: int or None; sample among the k most likely tokens.
             top_p: float or None; sample from the smallest set of most
                 likely tokens whose probability reaches p (nucleus).
                 `top_k` / `top_p` with `temperature=0` are an error.
-            seed: int, for reproducible sampling.
+            seed: int or None, for reproducible sampling; None: the compiled
+                sampler's seed (keras-hub's seed=None draws a fresh one each
+                call), else 0.
             beam_size: int; beam search with big_vision's semantics (summed
                 log-probabilities, no length normalisation; the best sequence
                 that ends with the first stop token) instead of sampling.
-            return_logits: bool; token ids in (no preprocessor) only: also
-                return `"logits"` (B, N, V) float32, the logits each step
-                chose from (final soft-cap as configured; 0 after every row
-                stopped).
+            return_logits: bool; token ids in only: also return `"logits"`
+                (B, N, V) float32, the logits each step chose from (final
+                soft-cap as configured; 0 after every row stopped).
+            add_separator: bool; token ids in only: append the separator
+                "\n" to prompts that do not end with it. Without it such
+                prompts get a warning when the separator's id is known (a
+                preprocessor's tokenizer, or id 108 of PaliGemma's
+                257,152-token vocabulary).
 
         Rows of a batch may have prompts of different lengths: each gives
         exactly what it gives alone. Prompt lengths are rounded up to a
         multiple of 16, so calls reuse one compiled function.
         """
-
-        sampler = Sampler(temperature, top_k, top_p, seed)
+        if not isinstance(inputs, dict):
+            raise InputError(
+                "generate takes a dict: {'images', 'prompts'} (text) or "
+                f"{{'images', 'token_ids', 'padding_mask'}} (token ids); got {type(inputs).__name__}."
+            )
+        text = "prompts" in inputs
+        if text and self.preprocessor is None:
+            raise InputError(
+                "This model has no preprocessor, so it cannot take text prompts; pass "
+                "token ids ({'images', 'token_ids', 'padding_mask'}) or load a preset "
+                "with a tokenizer."
+            )
+        if max_length is not None and max_new_tokens is not None:
+            raise InputError("Give max_length or max_new_tokens, not both.")
+        if return_logits and (text or beam_size is not None):
+            raise InputError(
+                "return_logits=True is for sampling or greedy decoding from "
+                "token ids, not for text or beam search."
+            )
+        settings = self._sampling_settings(temperature, top_k, top_p, seed, beam_size)
+        beam_size = settings.pop("beam_size", None)
+        beam_style = settings.pop("beam_style", "big_vision")
+        beam_temperature = settings.pop("temperature", None) if beam_size else None
+        sampler = Sampler(**settings) if not beam_size else None
 
         single = False
-        if self.preprocessor is not None:
+        if text:
             single = isinstance(inputs.get("prompts"), str)
             features = self.preprocessor.generate_preprocess(inputs)
         else:
             features = dict(inputs)
             missing = [k for k in ("images", "token_ids", "padding_mask") if k not in features]
             if missing:
-                raise ValueError(
-                    f"Without a preprocessor, generate takes token ids: missing "
-                    f"{missing}. Load a preset with a tokenizer to pass text."
-                )
+                raise InputError(f"Without prompts, generate takes token ids: missing {missing}.")
         images = np.asarray(features["images"], np.float32)
         token_ids = np.asarray(features["token_ids"])
-        padding_mask = np.asarray(features["padding_mask"])
+        padding_mask = np.asarray(features["padding_mask"]).astype(bool)
         if images.ndim == 3 + (self.backbone.num_images > 1):
             images = images[None]
         validate_backbone_inputs(
@@ -186,28 +234,52 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             self.backbone.image_size,
             self.backbone.num_images,
         )
+        if not text:
+            token_ids, padding_mask = self._check_separator(token_ids, padding_mask, add_separator)
+        lengths = padding_mask.sum(1)
+        width = None  # the keras-hub layout's width (token ids in)
         if max_length is not None:
-            max_new_tokens = int(max_length) - int(padding_mask.sum(1).max())
+            # keras-hub's meaning: each row's prompt + completion is at most
+            # max_length tokens, so a shorter prompt gets more new ones.
+            max_new_tokens = int(max_length) - int(lengths.min())
             if max_new_tokens < 1:
-                raise ValueError(
-                    f"max_length={max_length} leaves no room after the longest "
-                    "prompt; raise it or use max_new_tokens."
+                raise InputError(
+                    f"max_length={max_length} leaves no room after the shortest "
+                    f"prompt ({int(lengths.min())} tokens); raise it or use max_new_tokens."
                 )
+            width = int(max_length)
+        elif max_new_tokens is None and not text:
+            width = token_ids.shape[1]
+            max_new_tokens = width - int(lengths.min())
+            if max_new_tokens < 1:
+                raise InputError(
+                    f"token_ids has width {width} and every prompt fills it: no room to "
+                    "generate. Pad token_ids to the width you want (keras-hub's layout) "
+                    "or pass max_new_tokens."
+                )
+        elif max_new_tokens is None:
+            max_new_tokens = 64
+        if width is None:
+            width = int(lengths.max()) + int(max_new_tokens)
+            budget = np.full(len(lengths), int(max_new_tokens))
+        else:
+            budget = width - lengths  # new tokens each row has room for
         if stop_token_ids == "auto":
             end = self.preprocessor.tokenizer.end_token_id if self.preprocessor else 1
             stop_token_ids = [end]
-        if return_logits and (self.preprocessor is not None or beam_size is not None):
-            raise ValueError(
-                "return_logits=True is for sampling or greedy decoding from "
-                "token ids (a task without preprocessor), not for text or beam search."
-            )
+        stops = list(stop_token_ids or [])
         if beam_size is not None:
-            if temperature or top_k is not None or top_p is not None:
-                raise ValueError("beam_size searches; it takes no temperature, top_k or top_p.")
-            if not stop_token_ids:
-                raise ValueError("Beam search needs a stop token (the end of a finished sequence).")
+            if not stops:
+                raise InputError("Beam search needs a stop token (the end of a finished sequence).")
             tokens = self._decode_loop.beam_search(
-                images, token_ids, padding_mask, max_new_tokens, beam_size, stop_token_ids[0]
+                images,
+                token_ids,
+                padding_mask,
+                max_new_tokens,
+                beam_size,
+                stops[0],
+                style=beam_style,
+                temperature=beam_temperature or 1.0,
             )
         else:
             tokens, logits = self._decode_loop(
@@ -215,31 +287,96 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 token_ids,
                 padding_mask,
                 max_new_tokens,
-                stop_token_ids or [],
+                stops,
                 sampler,
                 step_logits=return_logits,
             )
         tokens = np.asarray(tokens)
-        mask = _until_stop(tokens, stop_token_ids or [])
-        if self.preprocessor is None:
-            out = {"token_ids": tokens, "padding_mask": mask}
+        mask = _until_stop(tokens, stops)
+        mask[np.arange(tokens.shape[1])[None] >= budget[:, None]] = 0
+        if not text:
+            if strip_prompt:
+                out = {"token_ids": tokens, "padding_mask": mask.astype(bool)}
+            else:
+                out = _prompt_and_completion(token_ids, padding_mask, tokens, mask, width)
+            out["images"] = features["images"]
             if return_logits:
                 out["logits"] = np.asarray(logits)
             return out
         texts = []
-        for row, row_mask in zip(tokens, mask):
-            kept = [
-                int(t) for t, m in zip(row, row_mask) if m and int(t) not in (stop_token_ids or [])
-            ]
-            texts.append(self.preprocessor.tokenizer.detokenize(kept) if kept else "")
+        tokenizer = self.preprocessor.tokenizer
+        for row, (completion, row_mask) in enumerate(zip(tokens, mask)):
+            kept = [int(t) for t, m in zip(completion, row_mask) if m and int(t) not in stops]
+            if strip_prompt is False:
+                prompt = token_ids[row][padding_mask[row]].tolist()
+                kept = [t for t in prompt if t != tokenizer.start_token_id] + kept
+            texts.append(tokenizer.detokenize(kept) if kept else "")
         return texts[0] if single else texts
+
+    def _sampling_settings(self, temperature, top_k, top_p, seed, beam_size):
+        """generate's sampling arguments, else the compiled sampler's."""
+        given = temperature is not None or top_k is not None or top_p is not None
+        if given or beam_size is not None:
+            if beam_size is not None and (temperature or top_k is not None or top_p is not None):
+                raise InputError("beam_size searches; it takes no temperature, top_k or top_p.")
+            if beam_size is not None:
+                return {"beam_size": beam_size}
+            return dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed or 0)
+        settings = dict(keras_hub_sampling(self.sampler))
+        if "beam_size" in settings:
+            return settings
+        if seed is None:
+            seed = settings.get("seed")
+        if seed is None and settings["temperature"] > 0:
+            # keras-hub's seed=None: different samples on every call.
+            seed = int(np.random.default_rng().integers(2**31))
+        settings["seed"] = seed or 0
+        return settings
+
+    def _check_separator(self, token_ids, padding_mask, add_separator):
+        """Warns about (or, with add_separator, fixes) prompts without "\n"."""
+        if self.preprocessor is not None:
+            separator = self.preprocessor.tokenizer.separator_ids[0]
+        elif self.backbone.vocabulary_size == GEMMA_VOCABULARY_SIZE:
+            separator = GEMMA_SEPARATOR_ID
+        else:
+            separator = None
+        if add_separator and separator is None:
+            raise InputError(
+                "add_separator=True, but the separator's id is unknown: this model has no "
+                'tokenizer. Append the id of "\\n" to each prompt yourself.'
+            )
+        if separator is None:
+            return token_ids, padding_mask
+        lengths = padding_mask.sum(1)
+        last = token_ids[np.arange(len(token_ids)), np.maximum(lengths - 1, 0)]
+        missing = np.flatnonzero(last != separator)
+        if not missing.size:
+            return token_ids, padding_mask
+        if not add_separator:
+            warnings.warn(
+                f'Prompt rows {missing.tolist()} do not end with the separator "\\n" '
+                f"(id {separator}), which PaliGemma was trained to see between prompt and "
+                "reply: their answers may degrade. Append it, or pass add_separator=True.",
+                stacklevel=3,
+            )
+            return token_ids, padding_mask
+        width = max(token_ids.shape[1], int(lengths.max()) + 1)
+        ids = np.zeros((len(token_ids), width), token_ids.dtype)
+        ids[:, : token_ids.shape[1]] = token_ids
+        mask = np.zeros(ids.shape, bool)
+        mask[:, : token_ids.shape[1]] = padding_mask
+        for row in missing:
+            ids[row, lengths[row]] = separator
+            mask[row, lengths[row]] = True
+        return ids, mask
 
     # --- Task prompts (big_vision's prefixes) ------------------------------
 
     def _ask_each(self, images, prompt, **kwargs):
         """(images as a list, one reply per image, whether a list was given)."""
         if self.preprocessor is None:
-            raise ValueError(
+            raise InputError(
                 "This model has no tokenizer/preprocessor, so it cannot take "
                 "text prompts. Load a preset that has one (registered names, HF "
                 "directories with tokenizer.model, saved presets)."
@@ -355,27 +492,67 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             results.append(objects)
         return results if many else results[0]
 
-    def score(self, inputs, per_token=False):
-        """Log-probabilities of given responses (big_vision's scoring logits).
+    def score(
+        self,
+        inputs,
+        per_token=False,
+        *,
+        padding_mask=None,
+        scoring_mode=None,
+        layer_intercept_fn=None,
+        target_ids=None,
+        images=None,
+        response_mask=None,
+    ):
+        """Log-probabilities of given responses (big_vision's scoring logits),
+        or keras-hub's `CausalLM.score` on token ids.
 
-        With a preprocessor: `{"images", "prompts", "responses"}`. Without:
-        backbone inputs plus nothing else: `images`, `token_ids`,
+        Ours: `inputs` is a dict. With a preprocessor: `{"images", "prompts",
+        "responses"}`. Without: backbone inputs `images`, `token_ids`,
         `padding_mask` and `response_mask` (1 on response tokens and
         `<eos>`), as the preprocessor lays them out.
 
+        keras-hub's: `inputs` is token ids (B, T) with `padding_mask`,
+        `scoring_mode` and `target_ids` as there, plus the `images` PaliGemma
+        needs; the text is causal after the image unless `response_mask`
+        says which tokens form the bidirectional prompt (0) and which the
+        causal response (1).
+
         Args:
-            inputs: dict, raw `{"images", "prompts", "responses"}` (with a
-                preprocessor) or backbone inputs, each (B, T) but `images`
-                (B, S, S, 3) (without one).
-            per_token: bool (default False); True returns the per-token
+            inputs: dict (ours, see above) or int array (B, T) of token ids
+                (keras-hub's `token_ids`).
+            per_token: bool (default False); ours: True returns the per-token
                 log-probabilities instead of their sum.
+            padding_mask: keras-hub's: bool/int (B, T), 1 on real tokens
+                (default all).
+            scoring_mode: keras-hub's: "logits" (default there; (B, T, V)
+                logits) or "loss" ((B, T) cross-entropy against `target_ids`,
+                0 on padding).
+            layer_intercept_fn: keras-hub's; not supported (a ValueError
+                if given): this task's blocks run inside compiled loops.
+            target_ids: keras-hub's: int (B, T), the token each position
+                should predict, for scoring_mode="loss".
+            images: keras-hub form: float (B, S, S, 3) in [-1, 1] (required).
+            response_mask: keras-hub form: int (B, T) or None (default:
+                `padding_mask`, every text token causal).
 
         Returns:
-            (B,) summed log-probability of each response including `<eos>`,
-            or with `per_token=True` (B, T) per-token log-probabilities
-            (0 where not a response token).
+            Ours: (B,) summed log-probability of each response including
+            `<eos>`, or with `per_token=True` (B, T) per-token
+            log-probabilities (0 where not a response token). keras-hub's:
+            float32 (B, T, V) logits or (B, T) losses.
         """
-        if self.preprocessor is not None:
+        if not isinstance(inputs, dict) or scoring_mode is not None:
+            return self._score_token_ids(
+                inputs,
+                padding_mask,
+                scoring_mode,
+                layer_intercept_fn,
+                target_ids,
+                images,
+                response_mask,
+            )
+        if self.preprocessor is not None and "prompts" in inputs:
             x, labels, weights = self.preprocessor(inputs)
         else:
             missing = [
@@ -384,13 +561,55 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 if k not in inputs
             ]
             if missing:
-                raise ValueError(f"score takes backbone inputs; missing {missing}.")
+                raise InputError(f"score takes backbone inputs; missing {missing}.")
             x, labels, weights = shift_for_next_token(inputs)
         logits = np.asarray(self(x, training=False), np.float32)
         log_probs = logits - _logsumexp(logits)
         picked = np.take_along_axis(log_probs, np.asarray(labels)[..., None], axis=-1)[..., 0]
         picked = picked * weights
         return picked if per_token else picked.sum(axis=1)
+
+    def _score_token_ids(
+        self,
+        token_ids,
+        padding_mask,
+        scoring_mode,
+        layer_intercept_fn,
+        target_ids,
+        images,
+        response_mask,
+    ):
+        """keras-hub's `CausalLM.score`, with the images PaliGemma needs."""
+        scoring_mode = scoring_mode or "logits"
+        if scoring_mode not in ("logits", "loss"):
+            raise InputError(f'scoring_mode must be "logits" or "loss"; got {scoring_mode!r}.')
+        if layer_intercept_fn is not None:
+            raise InputError(
+                "layer_intercept_fn is not supported: this task's blocks run inside "
+                "compiled loops. Call the backbone's layers yourself to intercept them."
+            )
+        if images is None:
+            raise InputError("PaliGemma scores tokens given their image: pass images=.")
+        if scoring_mode == "loss" and target_ids is None:
+            raise InputError('scoring_mode="loss" needs target_ids.')
+        token_ids = np.asarray(token_ids)
+        if padding_mask is None:
+            padding_mask = np.ones(token_ids.shape, bool)
+        padding_mask = np.asarray(padding_mask).astype("int32")
+        if response_mask is None:
+            response_mask = padding_mask
+        x = {
+            "images": images,
+            "token_ids": token_ids,
+            "padding_mask": padding_mask,
+            "response_mask": np.asarray(response_mask).astype("int32"),
+        }
+        logits = np.asarray(self(x, training=False), np.float32)
+        if scoring_mode == "logits":
+            return logits
+        log_probs = logits - _logsumexp(logits)
+        picked = np.take_along_axis(log_probs, np.asarray(target_ids)[..., None], axis=-1)[..., 0]
+        return -picked * padding_mask
 
     # --- Training ------------------------------------------------------------
 
@@ -400,12 +619,13 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         loss="auto",
         *,
         weighted_metrics="auto",
+        sampler="greedy",
         label_smoothing=0.0,
         loss_normalization="per_example",
         remat=False,
         **kwargs,
     ):
-        """Configures training.
+        """Configures training, and the sampler `generate` uses by default.
 
         Args:
             optimizer: "auto" (Adam, learning rate 2e-5, global gradient norm
@@ -415,6 +635,13 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 and `<eos>` tokens, as big_vision's training loss.
             weighted_metrics: "auto": `ResponseAccuracy`, next-token
                 accuracy on the same tokens, normalised as the loss.
+            sampler: keras-hub's: a name ("greedy", the default as keras-hub's
+                PaliGemma; "top_k", "top_p", "random", "beam") or a
+                `keras_hub.samplers` object (`TopKSampler(k=5,
+                temperature=0.7)`, `TopPSampler`, `RandomSampler`,
+                `BeamSampler`, `GreedySampler`), decoded by this task's
+                KV-cache loop with keras-hub's semantics; `generate`'s own
+                sampling arguments take precedence. Saved with the model.
             label_smoothing: float in [0, 1), big_vision's smoothing, for
                 the "auto" loss.
             loss_normalization: "per_example" (default; big_vision: each
@@ -430,12 +657,22 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         `dtype="mixed_bfloat16"` (float32 weights, bfloat16 compute).
         """
 
+        keras_hub_sampling(sampler)  # An unsupported sampler fails here, not in generate.
+        given = dict(
+            optimizer=optimizer,
+            loss=loss,
+            weighted_metrics=weighted_metrics,
+            sampler=sampler,
+            label_smoothing=label_smoothing,
+            loss_normalization=loss_normalization,
+            remat=remat,
+        )
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(2e-5, global_clipnorm=1.0)
         if loss == "auto":
             loss = ResponseCrossEntropy(label_smoothing, loss_normalization)
         elif label_smoothing or loss_normalization != "per_example":
-            raise ValueError(
+            raise InputError(
                 "label_smoothing and loss_normalization apply to the 'auto' loss only."
             )
         if weighted_metrics == "auto":
@@ -444,6 +681,29 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         keras.Model.compile(
             self, optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs
         )
+        self.sampler = sampler
+        # What load_model gives back to compile: the arguments as given (so
+        # "auto" stays "auto" beside label_smoothing), the optimizer as built.
+        self._compile_arguments = {**kwargs, **given, "optimizer": optimizer}
+
+    def get_compile_config(self):
+        """The `compile` arguments, serialised (Keras saves them in `.keras`
+        files; `compile_from_config` gives them back on load)."""
+        if not self.compiled or not hasattr(self, "_compile_arguments"):
+            return {}
+        return keras.saving.serialize_keras_object(self._compile_arguments)
+
+    def compile_from_config(self, config):
+        """Compiles with what `get_compile_config` saved and builds the
+        optimizer, so that its saved state loads.
+
+        Args:
+            config: dict, the output of `get_compile_config`.
+        """
+        arguments = keras.saving.deserialize_keras_object(config)
+        self.compile(**arguments)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def fit(
         self,
@@ -529,12 +789,12 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
 
         if _is_raw(x):
             if self.preprocessor is None:
-                raise ValueError(
+                raise InputError(
                     "Raw examples (prompts and responses) need a preprocessor; this "
                     "model has none. Pass token ids, labels and sample weights instead."
                 )
             if y is not None:
-                raise ValueError(
+                raise InputError(
                     "With raw examples the labels come from x['responses']; pass no y."
                 )
             batches = RawBatches(self.preprocessor, x, batch_size or 32, shuffle, seed)
@@ -626,8 +886,9 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             source: None (default "big_vision"), "big_vision", "transformers"
                 or "keras_hub"; for registered names only.
             **overrides: backbone constructor arguments replacing the
-                checkpoint's config; for a Keras preset of this package, also
-                `preprocessor` (a preprocessor, or None) replacing the saved one.
+                checkpoint's config, and `preprocessor` (a preprocessor, or
+                None for a task on token ids) replacing the one the
+                checkpoint brings, as keras-hub's `from_preset` takes it.
         """
 
         return load_task(cls, preset, load_weights=load_weights, source=source, **overrides)
@@ -641,6 +902,23 @@ def _is_tf_dataset(x):
 
     tf = sys.modules.get("tensorflow")
     return tf is not None and isinstance(x, tf.data.Dataset)
+
+
+def _prompt_and_completion(token_ids, padding_mask, tokens, mask, width):
+    """keras-hub's generate layout: each row's prompt, then its completion,
+    cut at `width`; the mask is True on both (through the first stop token)."""
+    batch = len(token_ids)
+    out_ids = np.zeros((batch, width), np.int32)
+    out_mask = np.zeros((batch, width), bool)
+    for row in range(batch):
+        n = int(padding_mask[row].sum())
+        room = min(width - n, tokens.shape[1])
+        out_ids[row, :n] = token_ids[row, :n]
+        out_mask[row, :n] = True
+        if room > 0:
+            out_ids[row, n : n + room] = tokens[row, :room]
+            out_mask[row, n : n + room] = mask[row, :room].astype(bool)
+    return {"token_ids": out_ids, "padding_mask": out_mask}
 
 
 def _until_stop(tokens, stop_token_ids):

@@ -17,9 +17,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import keras
+import keras_hub
 import numpy as np
 
 from keras_paligemma2.layers.attention import make_attention_mask
+from keras_paligemma2.utils.errors import InputError
 
 PROMPT_BUCKET = 16
 
@@ -43,10 +45,10 @@ def right_align(token_ids, padding_mask, bucket=PROMPT_BUCKET):
     batch, length = token_ids.shape
     lengths = padding_mask.sum(1)
     if (lengths == 0).any():
-        raise ValueError("Every prompt needs at least one token (<bos>).")
+        raise InputError("Every prompt needs at least one token (<bos>).")
     for row in range(batch):
         if not padding_mask[row, : lengths[row]].all():
-            raise ValueError(
+            raise InputError(
                 f"Row {row} of padding_mask is not left-aligned (ones then "
                 "zeros); prompts must start at position 0."
             )
@@ -73,38 +75,46 @@ class Sampler:
         top_p: float in (0, 1] or None; sample from the smallest set of
             most likely tokens whose probability reaches p (nucleus).
         seed: int, for reproducible sampling.
+        top_p_scope: which probabilities the nucleus adds up when `top_k`
+            is given too: "top_k" (default; transformers' `TopKLogitsWarper`
+            then `TopPLogitsWarper`: the probabilities renormalised over the
+            k kept tokens) or "vocabulary" (keras-hub's `TopPSampler(k=...)`:
+            the softmax over the whole vocabulary, cut to the k most likely).
 
     `top_k` / `top_p` with `temperature=0` cannot mean anything (greedy
     decoding has nothing to restrict) and are refused rather than ignored.
     """
 
-    def __init__(self, temperature=None, top_k=None, top_p=None, seed=0):
+    def __init__(self, temperature=None, top_k=None, top_p=None, seed=0, top_p_scope="top_k"):
         if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}.")
+            raise InputError(f"top_k must be an integer >= 1; got {top_k!r}.")
         if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1]; got {top_p}.")
+            raise InputError(f"top_p must be in (0, 1]; got {top_p}.")
         restricted = top_k is not None or top_p is not None
         if temperature is None:
             temperature = 1.0 if restricted else 0.0
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0; got {temperature}.")
+            raise InputError(f"temperature must be >= 0; got {temperature}.")
         if temperature == 0 and restricted:
-            raise ValueError(
+            raise InputError(
                 "top_k / top_p restrict sampling, but temperature=0 decodes "
                 "greedily, so they would be ignored. Give a temperature > 0 "
                 "(or leave it unset for 1.0), or drop top_k / top_p."
             )
+        if top_p_scope not in ("top_k", "vocabulary"):
+            raise InputError(f'top_p_scope must be "top_k" or "vocabulary"; got {top_p_scope!r}.')
         self.temperature = float(temperature)
         self.top_k = None if top_k is None else int(top_k)
         self.top_p = top_p
         self.seed = int(seed)
+        self.top_p_scope = top_p_scope
 
     @property
     def greedy(self):
         return self.temperature == 0.0
 
     def key(self):
-        return (self.temperature, self.top_k, self.top_p)
+        return (self.temperature, self.top_k, self.top_p, self.top_p_scope)
 
     def __call__(self, logits, rng):
         """Chooses one token per row.
@@ -119,18 +129,82 @@ class Sampler:
         if self.greedy:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         logits = logits.astype(jnp.float32) / self.temperature
+        unrestricted = logits
         if self.top_k is not None:
             kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
         if self.top_p is not None:
             ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-            cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
+            if self.top_p_scope == "vocabulary":
+                full = jax.nn.softmax(unrestricted, axis=-1)
+                probabilities = jnp.sort(jnp.where(logits == -jnp.inf, 0.0, full), axis=-1)
+                probabilities = probabilities[:, ::-1]
+            else:
+                probabilities = jax.nn.softmax(ordered, axis=-1)
+            cumulative = jnp.cumsum(probabilities, axis=-1)
             # Keep tokens until the cumulative probability reaches top_p
             # (the token that crosses it included).
             cutoff_index = jnp.sum(cumulative < self.top_p, axis=-1, keepdims=True)
             cutoff = jnp.take_along_axis(ordered, cutoff_index, axis=-1)
             logits = jnp.where(logits < cutoff, -jnp.inf, logits)
         return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def keras_hub_sampling(sampler):
+    """Our decoding settings for a keras-hub sampler (`compile(sampler=...)`).
+
+    Args:
+        sampler: a name `keras_hub.samplers.get` knows ("greedy", "top_k",
+            "top_p", "random", "beam") or one of those samplers' objects
+            (`keras_hub.samplers.TopKSampler(k=5, temperature=0.7)`, ...).
+
+    Returns:
+        dict of `generate` settings with keras-hub's meaning: `temperature`,
+        `top_k`, `top_p`, `top_p_scope` ("vocabulary", as `TopPSampler`
+        with k), `seed` (None: fresh randomness each call, as keras-hub's
+        seed=None) and `beam_size` with `beam_style` "keras_hub" for
+        `BeamSampler`.
+    """
+    samplers = keras_hub.samplers
+    if isinstance(sampler, str):
+        name = sampler
+        sampler = samplers.get(sampler)
+        if isinstance(sampler, str):
+            raise InputError(
+                f"Unknown sampler {name!r}; keras-hub's names this task decodes with: "
+                "greedy, top_k, top_p, random, beam."
+            )
+    kind = type(sampler)
+    temperature = float(getattr(sampler, "temperature", 1.0))
+    seed = getattr(sampler, "seed", None)
+    settings = dict(temperature=temperature, seed=seed)
+    if kind is samplers.GreedySampler:
+        return dict(temperature=0.0, seed=None)
+    if kind is samplers.TopKSampler:
+        return {**settings, "top_k": int(sampler.k)}
+    if kind is samplers.TopPSampler:
+        return {
+            **settings,
+            "top_p": float(sampler.p),
+            "top_k": sampler.k,
+            "top_p_scope": "vocabulary",
+        }
+    if kind is samplers.RandomSampler:
+        return settings
+    if kind is samplers.BeamSampler:
+        if sampler.return_all_beams:
+            raise InputError(
+                "BeamSampler(return_all_beams=True) is not supported: generate returns the best "
+                "beam. Use return_all_beams=False."
+            )
+        return dict(
+            beam_size=int(sampler.num_beams), beam_style="keras_hub", temperature=temperature
+        )
+    raise InputError(
+        f"{kind.__name__} is not supported: this task decodes with its own KV-cache loop, "
+        "which implements keras-hub's GreedySampler, TopKSampler, TopPSampler, RandomSampler "
+        "and BeamSampler (give one of those, or their names)."
+    )
 
 
 class DecodeLoop:
@@ -333,15 +407,32 @@ class DecodeLoop:
         carry = jax.lax.while_loop(keep_going, step, carry)
         return carry[4], carry[5]
 
-    def beam_search(self, images, token_ids, padding_mask, max_new_tokens, beam_size, eos):
-        """big_vision's beam search (`predict_fns._beam_decode`), one compiled loop.
+    def beam_search(
+        self,
+        images,
+        token_ids,
+        padding_mask,
+        max_new_tokens,
+        beam_size,
+        eos,
+        style="big_vision",
+        temperature=1.0,
+    ):
+        """Beam search, one compiled loop; scores are summed log-probabilities
+        without length normalisation.
 
-        Scores are summed log-probabilities, without length normalisation.
-        Each step, every live beam may end with `eos` (a finished candidate,
-        its score including log p(eos)); the best finished one per example is
+        style "big_vision" (`predict_fns._beam_decode`, the default): each
+        step, every live beam may end with `eos` (a finished candidate, its
+        score including log p(eos)); the best finished one per example is
         kept; live beams grow by their best non-`eos` tokens and the best
         `beam_size` survive. Stops when no live beam can beat the best
         finished one (scores only fall) or after `max_new_tokens`.
+
+        style "keras_hub" (`keras_hub.samplers.BeamSampler`): the best
+        `beam_size` of all beams x tokens survive each step, `eos` included,
+        and a beam goes on growing after its `eos`; stops when every beam
+        holds an `eos` or after `max_new_tokens`; the beam with the highest
+        score wins and is cut after its first `eos`.
 
         Args:
             images: float (B, S, S, 3) in [-1, 1] (or (B, n, S, S, 3) for n images each).
@@ -350,19 +441,30 @@ class DecodeLoop:
             max_new_tokens: int, the most tokens per sequence, `eos` included.
             beam_size: int, the number of live beams kept per example.
             eos: int, the token id that ends a sequence.
+            style: "big_vision" (default) or "keras_hub", see above.
+            temperature: float > 0, logits are divided by it before the
+                log-softmax (style "keras_hub" only, as `BeamSampler`'s).
 
         Returns (B, max_new_tokens) tokens of the best finished sequence,
         `eos` included, padded with 0.
         """
+        if style not in ("big_vision", "keras_hub"):
+            raise InputError(f'style must be "big_vision" or "keras_hub"; got {style!r}.')
+        if style == "big_vision" and temperature != 1.0:
+            raise InputError("big_vision's beam search has no temperature; leave it at 1.0.")
+        if temperature <= 0:
+            raise InputError(f"temperature must be > 0 for beam search; got {temperature}.")
         aligned, valid = right_align(token_ids, padding_mask)
-        key = ("beam", aligned.shape, int(max_new_tokens), int(beam_size), int(eos))
+        key = ("beam", style, aligned.shape, int(max_new_tokens), int(beam_size), int(eos))
+        key += (float(temperature),)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(
                 functools.partial(
-                    self._beam,
+                    self._beam if style == "big_vision" else self._beam_keras_hub,
                     max_new_tokens=int(max_new_tokens),
                     beam_size=int(beam_size),
                     eos=int(eos),
+                    **({} if style == "big_vision" else {"temperature": float(temperature)}),
                 )
             )
         values = [v.value for v in self.backbone.variables]
@@ -420,6 +522,49 @@ class DecodeLoop:
             carry = (jnp.int32(0), logits, state, live_scores, live_tokens, best_tokens, best_score)
             carry = jax.lax.while_loop(keep_going, step, carry)
             return carry[5]
+
+    def _beam_keras_hub(
+        self, values, images, token_ids, valid, max_new_tokens, beam_size, eos, temperature
+    ):
+        backbone = self.backbone
+        with keras.StatelessScope(state_mapping=list(zip(backbone.variables, values))):
+            batch, prompt_len = token_ids.shape
+            n = beam_size
+            prefill_len = backbone.num_image_tokens + prompt_len
+            logits, state = self._prefill(images, token_ids, valid, max_new_tokens)
+            state = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), state)
+            logits = jnp.repeat(logits, n, axis=0)
+            # As BeamSampler: only the first beam is live at the first step.
+            scores = jnp.full((batch, n), -1e9, jnp.float32).at[:, 0].set(0.0)
+            tokens = jnp.zeros((batch, n, max_new_tokens), jnp.int32)
+            ended = jnp.zeros((batch, n), bool)
+
+            def step(carry):
+                index, logits, state, scores, tokens, ended = carry
+                logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+                vocab = logp.shape[-1]
+                grown = scores[..., None] + logp.reshape(batch, n, vocab)
+                scores, top_index = jax.lax.top_k(grown.reshape(batch, -1), n)
+                parent = top_index // vocab
+                token = (top_index % vocab).astype(jnp.int32)
+                tokens = jnp.take_along_axis(tokens, parent[..., None], 1)
+                tokens = tokens.at[:, :, index].set(token)
+                ended = jnp.take_along_axis(ended, parent, 1) | (token == eos)
+                rows = (parent + jnp.arange(batch)[:, None] * n).reshape(-1)
+                state = jax.tree.map(lambda x: x[rows], state)
+                logits, state = self._extend(token.reshape(-1), index, state, prefill_len)
+                return index + 1, logits, state, scores, tokens, ended
+
+            def keep_going(carry):
+                index, *_, ended = carry
+                return (index < max_new_tokens) & ~jnp.all(ended)
+
+            carry = (jnp.int32(0), logits, state, scores, tokens, ended)
+            _, _, _, scores, tokens, _ = jax.lax.while_loop(keep_going, step, carry)
+            best = jnp.take_along_axis(tokens, jnp.argmax(scores, 1)[:, None, None], 1)[:, 0]
+            # Cut after the first eos (keras-hub masks what follows; we zero it).
+            after = jnp.cumsum(best == eos, axis=1) - (best == eos) > 0
+            return jnp.where(after, 0, best)
 
     def _cache_shape(self, batch, cache_len):
         b = self.backbone

@@ -29,6 +29,9 @@ import re
 
 import keras
 
+from keras_paligemma2.utils.errors import InputError
+from keras_paligemma2.utils.keras_internals import variable_being_laid_out
+
 MODEL_PREFERENCES = (
     (r"(^|/)token_embedding/embeddings$", (0, 1)),
     (r"decoder_block_\d+/attention/(query|key|value)/kernel$", (0, 2, 1)),
@@ -113,17 +116,60 @@ def layout_map_for(device_mesh, weights, model_axis="model", data_axis="batch", 
     Returns:
         A `PathLayoutMap` (looked up by exact path; unlisted paths are replicated).
     """
+    check_axes(device_mesh, model_axis, data_axis)
     axis_sizes = dict(zip(device_mesh.axis_names, device_mesh.shape))
-    for axis in (model_axis, data_axis):
-        if axis not in axis_sizes:
-            raise ValueError(
-                f"The mesh has axes {device_mesh.axis_names}; expected {model_axis!r} and "
-                f"{data_axis!r} (or pass model_axis= / data_axis=)."
-            )
     layouts = PathLayoutMap(device_mesh)
     for path, shape in weights:
         layouts[path] = variable_layout(path, shape, axis_sizes, model_axis, data_axis, fsdp)
     return layouts
+
+
+def check_axes(device_mesh, model_axis, data_axis):
+    """Raises a ValueError unless the mesh has both axes.
+
+    Args:
+        device_mesh: `keras.distribution.DeviceMesh`.
+        model_axis: str, the tensor-parallel axis name.
+        data_axis: str, the data-parallel axis name.
+    """
+    for axis in (model_axis, data_axis):
+        if axis not in device_mesh.axis_names:
+            raise InputError(
+                f"The mesh has axes {tuple(device_mesh.axis_names)}; expected {model_axis!r} "
+                f"and {data_axis!r} (or name the mesh's axes for model and data parallelism)."
+            )
+
+
+class ShapeRuleLayoutMap(keras.distribution.LayoutMap):
+    """A LayoutMap that decides each weight's layout when Keras creates it,
+    from its path and shape by `variable_layout`: no config needed, valid
+    for any model and mesh (keras-hub's `get_layout_map(mesh)` form).
+
+    Args:
+        device_mesh: `keras.distribution.DeviceMesh` with both axes.
+        model_axis: str, the tensor-parallel mesh axis (default "model").
+        data_axis: str, the data-parallel mesh axis (default "batch").
+        fsdp: bool; also shard large weights over `data_axis`.
+    """
+
+    def __init__(self, device_mesh, model_axis="model", data_axis="batch", fsdp=False):
+        check_axes(device_mesh, model_axis, data_axis)
+        super().__init__(device_mesh)
+        self._rule = dict(
+            axis_sizes=dict(zip(device_mesh.axis_names, device_mesh.shape)),
+            model_axis=model_axis,
+            data_axis=data_axis,
+            fsdp=fsdp,
+        )
+
+    def __getitem__(self, key):
+        if key in self._layout_map:
+            return self._layout_map[key]
+        variable = variable_being_laid_out(key)
+        if variable is None:
+            return None  # Not a variable being created: replicated, as Keras.
+        axes = variable_layout(key, tuple(variable.shape), **self._rule)
+        return keras.distribution.TensorLayout(axes, self.device_mesh)
 
 
 class PathLayoutMap(keras.distribution.LayoutMap):

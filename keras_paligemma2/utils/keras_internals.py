@@ -5,6 +5,8 @@ in the package reaches past their public API. Each function says what it
 relies on and why the public API does not do it.
 """
 
+import sys
+
 import keras_hub
 from keras.src.backend.common import global_state
 from keras_hub.src.utils import preset_utils
@@ -154,3 +156,30 @@ def release_value(variable):
         variable: `keras.Variable` that will not be used again.
     """
     variable._value = None
+
+
+def variable_being_laid_out(path, max_depth=8):
+    """The `keras.Variable` whose layout Keras is asking a LayoutMap for.
+
+    `ModelParallel.get_variable_layout(variable)` looks its layout map up by
+    `variable.path` alone; a layout that depends on the shape (shard a
+    dimension only where the mesh axis divides it) needs the variable too,
+    so this reads it from that caller's frame (its local `variable`).
+
+    Args:
+        path: str, the path being looked up (the variable's must match).
+        max_depth: int, how many caller frames to search (default 8).
+
+    Returns:
+        The variable, or None when the lookup does not come from Keras'
+        variable creation (then the caller knows no shape).
+    """
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("variable")
+        if getattr(candidate, "path", None) == path and hasattr(candidate, "shape"):
+            return candidate
+    return None

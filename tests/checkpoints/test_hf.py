@@ -240,6 +240,7 @@ def test_generation_past_the_window_equals_hf(window_lm, window_reference, name)
         max_new_tokens=10,
         stop_token_ids=None,
         return_logits=True,
+        strip_prompt=True,
     )
     np.testing.assert_array_equal(out["token_ids"], ref[f"{name}_output_ids"])
     # HF's `output_logits` (soft-capped, every step; prefill then decode

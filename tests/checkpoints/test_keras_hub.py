@@ -5,6 +5,7 @@ import json
 import keras_hub
 import numpy as np
 import pytest
+from helpers import KERAS_HUB_TINY
 from helpers import assert_close
 from helpers import randomize
 
@@ -14,27 +15,6 @@ from keras_paligemma2 import PaliGemma2CausalLM
 from keras_paligemma2.checkpoints import keras_hub_preset
 
 rng = None  # Reseeded from each test's id (conftest).
-
-KERAS_HUB_TINY = dict(
-    vocabulary_size=64,
-    image_size=28,
-    num_layers=2,
-    num_query_heads=4,
-    num_key_value_heads=2,
-    hidden_dim=32,
-    intermediate_dim=96,  # keras-hub counts both GeGLU halves: ours is 48.
-    head_dim=8,
-    vit_patch_size=14,
-    vit_num_heads=2,
-    vit_hidden_dim=16,
-    vit_num_layers=2,
-    vit_intermediate_dim=24,
-    use_post_ffw_norm=True,
-    use_post_attention_norm=True,
-    attention_logit_soft_cap=50.0,
-    final_logit_soft_cap=30.0,
-    query_head_dim_normalize=True,
-)
 
 
 def _inputs():
