@@ -221,7 +221,7 @@ def test_token_ids_without_the_separator_warn_or_get_it(lm):
     stripped["padding_mask"][1, last[1]] = False  # Row 1 loses its "\n".
     stripped["token_ids"] = x["token_ids"].copy()
     stripped["token_ids"][1, last[1]] = 0
-    with pytest.warns(UserWarning, match=r"rows \[1\] do not end with the separator"):
+    with pytest.warns(UserWarning, match=r"1 of 2 prompt rows \(e.g. \[1\]\) do not end"):
         lm.generate(stripped, strip_prompt=True, max_new_tokens=4)
     fixed = lm.generate(stripped, strip_prompt=True, max_new_tokens=4, add_separator=True)
     want = lm.generate(x, strip_prompt=True, max_new_tokens=4)

@@ -355,7 +355,8 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             return token_ids, padding_mask
         if not add_separator:
             warnings.warn(
-                f'Prompt rows {missing.tolist()} do not end with the separator "\\n" '
+                f"{missing.size} of {len(token_ids)} prompt rows (e.g. {missing[:5].tolist()}) "
+                f'do not end with the separator "\\n" '
                 f"(id {separator}), which PaliGemma was trained to see between prompt and "
                 "reply: their answers may degrade. Append it, or pass add_separator=True.",
                 stacklevel=3,
