@@ -1,5 +1,11 @@
-"""The model's projection layers: Keras' `EinsumDense` and `Dense`, saved
-with their LoRA adapters kept apart.
+"""The model's projection layers: Keras' `EinsumDense` and `Dense`, with
+their LoRA adapters kept apart when they compute and when they are saved.
+
+With LoRA on a float kernel, Keras computes `x @ (W + A @ B * alpha / rank)`:
+a full copy of every adapted kernel is formed in each step and kept for
+the backward pass. These compute `x @ W + ((x @ A) @ B) * alpha / rank`,
+which holds only (..., rank) activations besides the output (same numbers
+within float32 rounding; quantised kernels already go Keras' unmerged way).
 
 Keras saves a LoRA-enabled layer with the adapters folded into its kernel
 (requantised, for an int8 / int4 kernel) and loads it back with both
@@ -16,6 +22,9 @@ Use them as `projections.Dense`, beside `keras.layers.Dense`.
 """
 
 import keras
+from keras import ops
+
+from keras_paligemma2.utils.keras_internals import base_kernel
 
 ADAPTER_KEYS = ("lora_kernel_a", "lora_kernel_b")
 
@@ -63,21 +72,70 @@ class _KeepsAdapters:
         for key in ADAPTER_KEYS:
             getattr(self, key).assign(store[key])
 
+    def _finish(self, x):
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
 
 @keras.saving.register_keras_serializable(package="keras_paligemma2")
 class EinsumDense(_KeepsAdapters, keras.layers.EinsumDense):
-    """`keras.layers.EinsumDense` whose saves keep LoRA adapters unmerged.
+    """`keras.layers.EinsumDense` whose LoRA adapters stay unmerged, in the
+    step and in saves.
 
     Args:
         **kwargs: `keras.layers.EinsumDense`'s (`equation`, `output_shape`,
             `bias_axes`, `dtype`, `name`, ...).
     """
 
+    def call(self, inputs, training=None):
+        """`keras.layers.EinsumDense.call`, with LoRA as `x @ W + (x @ A) @ B`.
+
+        Args:
+            inputs: tensor matching the equation's first operand.
+            training: unused (Keras' signature).
+        """
+        if not self.lora_enabled:
+            return super().call(inputs, training=training)
+        x = ops.einsum(self.equation, inputs, base_kernel(self))
+        # A is the kernel with its last axis (the output's last) replaced by
+        # the rank: the same equation with that letter renamed gives x @ A.
+        operands, output = self.equation.split("->")
+        source, kernel = operands.split(",")
+        last = kernel[-1]
+        rank = next(c for c in "rzyxwvuqpo" if c not in self.equation)
+        if output[-1] != last:
+            raise NotImplementedError(
+                f"LoRA needs the kernel's last axis to be the output's last: {self.equation}."
+            )
+        down = ops.einsum(
+            f"{source},{kernel[:-1]}{rank}->{output[:-1]}{rank}", inputs, self.lora_kernel_a
+        )
+        x = ops.add(x, ops.matmul(down, self.lora_kernel_b) * (self.lora_alpha / self.lora_rank))
+        return self._finish(x)
+
 
 @keras.saving.register_keras_serializable(package="keras_paligemma2")
 class Dense(_KeepsAdapters, keras.layers.Dense):
-    """`keras.layers.Dense` whose saves keep LoRA adapters unmerged.
+    """`keras.layers.Dense` whose LoRA adapters stay unmerged, in the step
+    and in saves.
 
     Args:
         **kwargs: `keras.layers.Dense`'s (`units`, `dtype`, `name`, ...).
     """
+
+    def call(self, inputs, training=None):
+        """`keras.layers.Dense.call`, with LoRA as `x @ W + (x @ A) @ B`.
+
+        Args:
+            inputs: tensor (..., input_dim).
+            training: unused (Keras' signature).
+        """
+        if not self.lora_enabled:
+            return super().call(inputs, training=training)
+        x = ops.matmul(inputs, base_kernel(self))
+        down = ops.matmul(inputs, self.lora_kernel_a)
+        x = ops.add(x, ops.matmul(down, self.lora_kernel_b) * (self.lora_alpha / self.lora_rank))
+        return self._finish(x)

@@ -16,6 +16,8 @@ built with the same architecture, whatever the order layers were made in.
 import keras
 
 from keras_paligemma2.utils.errors import InputError
+from keras_paligemma2.utils.keras_internals import base_kernel
+from keras_paligemma2.utils.keras_internals import remove_lora_adapters
 from keras_paligemma2.utils.tensor_files import read_state
 from keras_paligemma2.utils.tensor_files import write_state
 
@@ -299,13 +301,9 @@ def merge_lora(backbone):
             )
     for layer in _lora_layers(backbone):
         merged = layer.kernel  # Keras' property: base + (A @ B) * alpha / rank
-        layer._kernel.assign(keras.ops.cast(merged, layer._kernel.dtype))
-        # Keras untracks a variable attribute when it is deleted.
-        layer._tracker.unlock()
-        del layer.lora_kernel_a
-        del layer.lora_kernel_b
-        layer._tracker.lock()
-        layer.lora_enabled = False
+        base = base_kernel(layer)
+        base.assign(keras.ops.cast(merged, base.dtype))
+        remove_lora_adapters(layer)
     backbone.trainable = True  # as if LoRA had never been enabled
 
 

@@ -183,3 +183,29 @@ def variable_being_laid_out(path, max_depth=8):
         if getattr(candidate, "path", None) == path and hasattr(candidate, "shape"):
             return candidate
     return None
+
+
+def base_kernel(layer):
+    """The float kernel variable of a LoRA-enabled Keras `Dense` /
+    `EinsumDense`, without the adapters: Keras' public `kernel` property
+    returns `kernel + A @ B * alpha / rank`, a full new matrix.
+
+    Args:
+        layer: a built `keras.layers.Dense` or `keras.layers.EinsumDense`.
+    """
+    return layer._kernel
+
+
+def remove_lora_adapters(layer):
+    """Deletes a layer's `lora_kernel_a` / `_b` (Keras untracks a variable
+    attribute when it is deleted, which its tracker must allow) and turns
+    LoRA off.
+
+    Args:
+        layer: a LoRA-enabled Keras `Dense` or `EinsumDense`.
+    """
+    layer._tracker.unlock()
+    del layer.lora_kernel_a
+    del layer.lora_kernel_b
+    layer._tracker.lock()
+    layer.lora_enabled = False
