@@ -205,6 +205,12 @@ def test_token_ids_layout_and_the_new_tokens_form(lm):
     assert laid_out["padding_mask"].all() and new["token_ids"].shape == (2, 9)
     longer = lm.generate(x, stop_token_ids=None, max_length=width + 3)
     assert longer["token_ids"].shape == (2, width + 3)
+    # keras-hub's max_length: each row's prompt + completion fills it, so the
+    # shorter prompt gets more new tokens; the new-tokens form says as much.
+    np.testing.assert_array_equal(longer["padding_mask"].sum(1), [width + 3] * 2)
+    budget = lm.generate(x, stop_token_ids=None, max_length=width + 3, strip_prompt=True)
+    np.testing.assert_array_equal(budget["padding_mask"].sum(1), width + 3 - lengths)
+    assert not budget["token_ids"][~budget["padding_mask"]].any()
 
 
 def test_text_with_strip_prompt_false_is_prompt_then_reply(lm):

@@ -294,6 +294,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         tokens = np.asarray(tokens)
         mask = _until_stop(tokens, stops)
         mask[np.arange(tokens.shape[1])[None] >= budget[:, None]] = 0
+        tokens = np.where(mask, tokens, 0)  # nothing past a row's stop or its room
         if not text:
             if strip_prompt:
                 out = {"token_ids": tokens, "padding_mask": mask.astype(bool)}
