@@ -61,6 +61,8 @@ def test_score_averages_and_refuses_unknown_metrics():
     assert evaluation.score("exact_match", ["a", "b"], [["a"], ["c"]]) == 0.5
     with pytest.raises(ValueError, match="Unknown metric 'bleu'"):
         evaluation.score("bleu", ["a"], [["a"]])
+    with pytest.raises(ValueError, match="empty"):
+        evaluation.score("exact_match", [], [])  # was NaN, with a NumPy warning
 
 
 # The reference files below hold an existing implementation's outputs on the

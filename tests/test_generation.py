@@ -178,6 +178,15 @@ def test_bad_generate_inputs(random_lm):
             max_length=2,
             strip_prompt=True,
         )
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        random_lm.generate(
+            {
+                "images": np.zeros((1, 28, 28, 3)),
+                "token_ids": np.array([[2, 3]]),
+                "padding_mask": np.ones((1, 2)),
+            },
+            max_new_tokens=0,
+        )
     with pytest.raises(ValueError, match="not left-aligned"):
         random_lm.generate(
             {

@@ -505,6 +505,8 @@ def score(metric, predictions, answers):
         )
     if len(predictions) != len(answers):
         raise InputError(f"{len(predictions)} predictions for {len(answers)} examples.")
+    if not predictions:
+        raise InputError(f"No examples to score {metric} on: the data set is empty.")
     if metric in CORPUS_METRICS:
         return float(CORPUS_METRICS[metric](predictions, answers))
     return float(np.mean([METRICS[metric](p, a) for p, a in zip(predictions, answers)]))

@@ -259,6 +259,8 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 )
         elif max_new_tokens is None:
             max_new_tokens = 64
+        if int(max_new_tokens) < 1:
+            raise InputError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
         if width is None:
             width = int(lengths.max()) + int(max_new_tokens)
             budget = np.full(len(lengths), int(max_new_tokens))
