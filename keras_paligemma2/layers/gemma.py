@@ -16,6 +16,7 @@ from keras import ops
 from keras_paligemma2.layers import projections
 from keras_paligemma2.layers.attention import apply_rope
 from keras_paligemma2.layers.attention import dot_product_attention
+from keras_paligemma2.layers.remat import rematerialised
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma2")
@@ -314,8 +315,9 @@ class DecoderBlock(keras.layers.Layer):
         self.attention_logit_soft_cap = attention_logit_soft_cap
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
-        # Set by `PaliGemma2Backbone.set_remat`; a training choice, not config.
-        self.remat = False
+        # Set by `PaliGemma2Backbone.set_remat` (None, "block" or "matmuls");
+        # a training choice, not config.
+        self.remat = None
 
     def build(self, input_shape):
         common = dict(dtype=self.dtype_policy)
@@ -371,7 +373,7 @@ class DecoderBlock(keras.layers.Layer):
         if self.remat and kv_cache is None:
             # Activations are recomputed in the backward pass, not stored.
             forward = functools.partial(self._forward, last_only=last_only)
-            return keras.remat(forward)(x, positions, attention_mask)
+            return rematerialised(forward, self.remat)(x, positions, attention_mask)
         return self._forward(x, positions, attention_mask, kv_cache, cache_index, last_only)
 
     def _forward(

@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_paligemma2.layers import projections
 from keras_paligemma2.layers.attention import dot_product_attention
+from keras_paligemma2.layers.remat import rematerialised
 from keras_paligemma2.utils.errors import InputError
 
 
@@ -86,8 +87,9 @@ class VisionBlock(keras.layers.Layer):
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
         self.layer_norm_epsilon = layer_norm_epsilon
-        # Set by `PaliGemma2Backbone.set_remat`; a training choice, not config.
-        self.remat = False
+        # Set by `PaliGemma2Backbone.set_remat` (None, "block" or "matmuls");
+        # a training choice, not config.
+        self.remat = None
 
     def build(self, input_shape):
         width = input_shape[-1]
@@ -113,7 +115,7 @@ class VisionBlock(keras.layers.Layer):
             (B, P, W).
         """
         if self.remat:
-            return keras.remat(self._forward)(x)
+            return rematerialised(self._forward, self.remat)(x)
         return self._forward(x)
 
     def _forward(self, x):

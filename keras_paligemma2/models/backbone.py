@@ -16,6 +16,7 @@ from keras_paligemma2.layers.attention import make_attention_mask
 from keras_paligemma2.layers.gemma import DecoderBlock
 from keras_paligemma2.layers.gemma import RMSNorm
 from keras_paligemma2.layers.gemma import TokenEmbedding
+from keras_paligemma2.layers.remat import remat_policy
 from keras_paligemma2.layers.siglip import VisionEncoder
 from keras_paligemma2.models.layouts import ShapeRuleLayoutMap
 from keras_paligemma2.models.layouts import check_axes
@@ -365,14 +366,19 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
 
     def set_remat(self, enabled=True):
         """Recompute each decoder and ViT block in the backward pass (less
-        activation memory, about a third more compute). Takes effect when
-        the training step is next traced (`compile` resets it).
+        activation memory, more compute). Takes effect when the training
+        step is next traced (`compile` resets it).
 
         Args:
-            enabled: bool (default True); False keeps activations again.
+            enabled: True or "block" (each block keeps only its input;
+                about a third more compute), "matmuls" (each block also
+                keeps its projections' outputs: attention scores, softmax,
+                norms and activations are recomputed), or False (default
+                for `compile`: activations are kept).
         """
+        policy = remat_policy(enabled)
         for block in list(self.decoder_blocks) + list(self.vision_encoder.blocks):
-            block.remat = bool(enabled)
+            block.remat = policy
 
     @staticmethod
     def is_local_layer(index, sliding_window_size):
@@ -592,7 +598,8 @@ def _check_image_range(images):
         )
     if not np.size(images):
         return
-    low, high = float(jnp.min(images)), float(jnp.max(images))
+    with jax.ensure_compile_time_eval():  # Concrete values, even inside a trace.
+        low, high = float(jnp.min(images)), float(jnp.max(images))
     # Antialiased float resizes overshoot [0, 255] by ~1e-4 of a level.
     if not (np.isfinite(low) and np.isfinite(high)) or low < -1.001 or high > 1.001:
         raise InputError(

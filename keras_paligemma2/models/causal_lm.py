@@ -30,6 +30,8 @@ from keras_paligemma2.training.data import RawBatches
 from keras_paligemma2.training.data import preprocessed_dataset
 from keras_paligemma2.training.losses import ResponseAccuracy
 from keras_paligemma2.training.losses import ResponseCrossEntropy
+from keras_paligemma2.training.losses import chunked_token_cross_entropy
+from keras_paligemma2.training.losses import reduce_over_responses
 from keras_paligemma2.utils.errors import InputError
 from keras_paligemma2.utils.files import DEFAULT_MAX_SHARD_SIZE_GB
 from keras_paligemma2.utils.files import atomic_directory
@@ -627,6 +629,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         label_smoothing=0.0,
         loss_normalization="per_example",
         remat=False,
+        loss_chunk_size=None,
         **kwargs,
     ):
         """Configures training, and the sampler `generate` uses by default.
@@ -652,9 +655,17 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 example's mean over its own response tokens, then the batch
                 mean) or "per_token" (one mean over the batch's response
                 tokens), for the "auto" loss and metric.
-            remat: recompute each decoder and ViT block's activations in the
-                backward pass instead of keeping them (less memory, about a
-                third more compute).
+            remat: False (default: activations kept), True or "block"
+                (each decoder and ViT block keeps only its input and is
+                recomputed in the backward pass: about a third more
+                compute) or "matmuls" (blocks also keep their projections'
+                outputs; the rest is recomputed).
+            loss_chunk_size: None (default), or int: the training step
+                computes the "auto" loss over this many tokens at a time,
+                never forming the float32 (B, T, vocabulary) logits (1 MiB
+                per token for PaliGemma's vocabulary), recomputing each
+                chunk's logits in the backward pass. Same loss and
+                gradients; `evaluate` and `score` still form the logits.
             **kwargs: passed to `keras.Model.compile` (e.g. `jit_compile`).
 
         For mixed precision build or load the model with
@@ -670,7 +681,19 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             label_smoothing=label_smoothing,
             loss_normalization=loss_normalization,
             remat=remat,
+            loss_chunk_size=loss_chunk_size,
         )
+        if loss_chunk_size is not None:
+            if loss != "auto":
+                raise InputError(
+                    "loss_chunk_size applies to the 'auto' loss (ResponseCrossEntropy); "
+                    f"got loss={loss!r}."
+                )
+            if isinstance(loss_chunk_size, bool) or int(loss_chunk_size) < 1:
+                raise InputError(
+                    f"loss_chunk_size must be a positive number of tokens; got {loss_chunk_size!r}."
+                )
+            loss_chunk_size = int(loss_chunk_size)
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(2e-5, global_clipnorm=1.0)
         if loss == "auto":
@@ -682,6 +705,8 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         if weighted_metrics == "auto":
             weighted_metrics = [ResponseAccuracy(loss_normalization)]
         self.backbone.set_remat(remat)
+        self.loss_chunk_size = loss_chunk_size
+        self._chunked_loss = loss  # The "auto" loss, whose settings the chunked step reads.
         keras.Model.compile(
             self, optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs
         )
@@ -708,6 +733,77 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         self.compile(**arguments)
         if self.built:
             self.optimizer.build(self.trainable_variables)
+
+    def compute_loss_and_updates(
+        self,
+        trainable_variables,
+        non_trainable_variables,
+        metrics_variables,
+        x,
+        y,
+        sample_weight,
+        training=False,
+        optimizer_variables=None,
+    ):
+        """Keras' stateless loss of one batch (what the JAX trainer
+        differentiates); with `compile(loss_chunk_size=n)` in training, the
+        loss is computed `n` tokens at a time from the backbone's hidden
+        states, and the predictions handed to the metrics are token ids
+        (B, T) instead of logits.
+
+        Args:
+            trainable_variables: list of arrays, the trainable variables' values.
+            non_trainable_variables: list of arrays, the others' values.
+            metrics_variables: list of arrays, the metrics' state.
+            x: dict, the backbone inputs.
+            y: int (B, T), the next-token labels.
+            sample_weight: float (B, T), the response mask.
+            training: bool, whether this is a training step.
+            optimizer_variables: list of arrays, the optimizer's state (for
+                its loss scaling).
+
+        Returns:
+            `(loss, (unscaled_loss, predictions, non_trainable_variables,
+            metrics_variables))`, as Keras' JAX trainer.
+        """
+        chunk_size = getattr(self, "loss_chunk_size", None)
+        if not (training and chunk_size):
+            return super().compute_loss_and_updates(
+                trainable_variables,
+                non_trainable_variables,
+                metrics_variables,
+                x,
+                y,
+                sample_weight,
+                training=training,
+                optimizer_variables=optimizer_variables,
+            )
+        loss_fn = self._chunked_loss
+        mapping = list(zip(self.trainable_variables, trainable_variables)) + list(
+            zip(self.non_trainable_variables, non_trainable_variables)
+        )
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            hidden = self.backbone(x, training=True)[:, self.backbone.num_image_tokens :, :]
+            losses, predictions = chunked_token_cross_entropy(
+                self.text_logits, hidden, y, chunk_size, loss_fn.label_smoothing
+            )
+            weights = ops.ones_like(losses) if sample_weight is None else sample_weight
+            loss = reduce_over_responses(
+                losses, ops.cast(weights, "float32"), loss_fn.normalization
+            )
+            for extra in self.losses:  # Losses added by layers, as Keras' compute_loss.
+                loss = loss + extra
+        non_trainable_variables = [
+            scope.get_current_value(v) if scope.get_current_value(v) is not None else value
+            for v, value in zip(self.non_trainable_variables, non_trainable_variables)
+        ]
+        unscaled_loss = loss
+        if self.optimizer is not None:
+            with keras.StatelessScope(
+                state_mapping=list(zip(self.optimizer.variables, optimizer_variables))
+            ):
+                loss = self.optimizer.scale_loss(loss)
+        return loss, (unscaled_loss, predictions, non_trainable_variables, metrics_variables)
 
     def fit(
         self,

@@ -1,5 +1,6 @@
 """Losses and metrics on response tokens (big_vision's trainer semantics)."""
 
+import jax
 import keras
 from keras import ops
 
@@ -37,6 +38,78 @@ def reduce_over_responses(values, weights, normalization):
         return ops.sum(weighted) / ops.maximum(ops.sum(weights), 1e-9)
     per_example = ops.sum(weighted, axis=-1) / ops.maximum(ops.sum(weights, axis=-1), 1.0)
     return ops.mean(per_example)
+
+
+def token_cross_entropy(labels, logits, label_smoothing=0.0):
+    """Per-token cross-entropy of `labels` under `logits`, in float32.
+
+    Args:
+        labels: int tensor (..., ), the target token of each position.
+        logits: float tensor (..., V), any float dtype (taken in float32).
+        label_smoothing: float in [0, 1): target `1 - label_smoothing` on
+            the right token and `label_smoothing / (V - 1)` on each other one
+            (big_vision's smoothing).
+
+    Returns:
+        float32 tensor shaped as `labels`.
+    """
+    logits = ops.cast(logits, "float32")
+    log_normaliser = ops.logsumexp(logits, axis=-1)
+    labels = ops.expand_dims(ops.cast(labels, "int32"), -1)
+    picked = ops.squeeze(ops.take_along_axis(logits, labels, axis=-1), -1) - log_normaliser
+    if not label_smoothing:
+        return -picked
+    off = label_smoothing / (logits.shape[-1] - 1)
+    every = ops.sum(logits, axis=-1) - logits.shape[-1] * log_normaliser
+    return -((1.0 - label_smoothing) * picked + off * (every - picked))
+
+
+def chunked_token_cross_entropy(logits_fn, hidden, labels, chunk_size, label_smoothing=0.0):
+    """`token_cross_entropy(labels, logits_fn(hidden))` and the argmax
+    predictions, without ever holding more than `chunk_size` tokens' logits.
+
+    The tokens are cut into chunks of `chunk_size`; each chunk's float32
+    logits (chunk_size, V) are formed, reduced to a loss and a prediction per
+    token and dropped, and formed again in the backward pass (the chunk is
+    rematerialised), so neither pass keeps the (B, T, V) logits: for
+    PaliGemma's 257,152-token vocabulary that is 1 MiB per token in float32.
+
+    Args:
+        logits_fn: function from hidden states (n, D) to logits (n, V), the
+            task's output projection (soft cap included).
+        hidden: float tensor (B, T, D), the text positions' final hidden states.
+        labels: int tensor (B, T), the next-token labels.
+        chunk_size: int, tokens per chunk (the last one padded).
+        label_smoothing: float, as `token_cross_entropy`.
+
+    Returns:
+        (losses float32 (B, T), predictions int32 (B, T)).
+    """
+    batch, length, width = hidden.shape
+    count = batch * length
+    chunks = -(-count // chunk_size)
+    padding = chunks * chunk_size - count
+    flat_hidden = jax.numpy.pad(hidden.reshape(count, width), ((0, padding), (0, 0)))
+    flat_labels = jax.numpy.pad(labels.reshape(count).astype("int32"), (0, padding))
+
+    @jax.checkpoint
+    def chunk(args):
+        chunk_hidden, chunk_labels = args
+        logits = ops.cast(logits_fn(chunk_hidden), "float32")
+        losses = token_cross_entropy(chunk_labels, logits, label_smoothing)
+        return losses, jax.numpy.argmax(logits, axis=-1).astype("int32")
+
+    losses, predictions = jax.lax.map(
+        chunk,
+        (
+            flat_hidden.reshape(chunks, chunk_size, width),
+            flat_labels.reshape(chunks, chunk_size),
+        ),
+    )
+    return (
+        losses.reshape(-1)[:count].reshape(batch, length),
+        predictions.reshape(-1)[:count].reshape(batch, length),
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma2")
@@ -85,15 +158,7 @@ class ResponseCrossEntropy(keras.losses.Loss):
         Returns:
             float32 tensor (B, T), the smoothed cross-entropy of each token.
         """
-        logits = ops.cast(y_pred, "float32")
-        log_normaliser = ops.logsumexp(logits, axis=-1)
-        labels = ops.expand_dims(ops.cast(y_true, "int32"), -1)
-        picked = ops.squeeze(ops.take_along_axis(logits, labels, axis=-1), -1) - log_normaliser
-        if not self.label_smoothing:
-            return -picked
-        off = self.label_smoothing / (logits.shape[-1] - 1)
-        every = ops.sum(logits, axis=-1) - logits.shape[-1] * log_normaliser
-        return -((1.0 - self.label_smoothing) * picked + off * (every - picked))
+        return token_cross_entropy(y_true, y_pred, self.label_smoothing)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         losses = self.call(y_true, y_pred)
@@ -137,12 +202,14 @@ class ResponseAccuracy(keras.metrics.Metric):
 
         Args:
             y_true: int tensor (B, T), the next-token labels.
-            y_pred: float tensor (B, T, V), the logits.
+            y_pred: float tensor (B, T, V), the logits; or int (B, T), the
+                predicted tokens (what a chunked-loss training step gives).
             sample_weight: float tensor (B, T) or None, the response mask;
                 None counts every token.
         """
+        predicted = y_pred if len(y_pred.shape) == 2 else ops.argmax(y_pred, axis=-1)
         correct = ops.cast(
-            ops.equal(ops.argmax(y_pred, axis=-1), ops.cast(y_true, "int32")), "float32"
+            ops.equal(ops.cast(predicted, "int32"), ops.cast(y_true, "int32")), "float32"
         )
         if sample_weight is None:
             weights = ops.ones_like(correct)
