@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_paligemma2.checkpoints.big_vision import big_vision_name
 from keras_paligemma2.utils.errors import InputError
+from keras_paligemma2.utils.keras_internals import optimizer_slot
 
 
 def big_vision_warmup_steps(total_steps, warmup_fraction):
@@ -131,6 +132,10 @@ class BigVisionAdam(keras.optimizers.Optimizer):
         beta_2: float, Adam's b2 (0.999, the PaliGemma configs').
         epsilon: float, optax's eps (1e-8).
         epsilon_root: float, optax's eps_root (0).
+        mu_dtype: None (the variable's dtype), or the dtype Adam's first
+            moment is stored in between steps ("bfloat16": half its bytes),
+            as optax's `scale_by_adam(mu_dtype=)` (`config.optax.mu_dtype`):
+            each update is computed from the moment before it is rounded.
         gradient_accumulation_steps: int or None; updates then happen every
             that many steps, with the mean gradient, and the schedule counts
             updates.
@@ -152,6 +157,7 @@ class BigVisionAdam(keras.optimizers.Optimizer):
         beta_2=0.999,
         epsilon=1e-8,
         epsilon_root=0.0,
+        mu_dtype=None,
         gradient_accumulation_steps=None,
         name="big_vision_adam",
         **kwargs,
@@ -183,6 +189,7 @@ class BigVisionAdam(keras.optimizers.Optimizer):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.epsilon_root = epsilon_root
+        self.mu_dtype = None if mu_dtype is None else keras.backend.standardize_dtype(mu_dtype)
 
     def decay_multiplier(self, variable):
         """The weight-decay multiplier of `variable` (0: not decayed).
@@ -206,7 +213,11 @@ class BigVisionAdam(keras.optimizers.Optimizer):
         super().build(var_list)
         # Keras Adam's slot names, so that training states saved with the
         # earlier Adam-based recipe still restore.
-        self._mu, self._nu = self.add_optimizer_variables(var_list, ["momentum", "velocity"])
+        if self.mu_dtype is None:
+            self._mu, self._nu = self.add_optimizer_variables(var_list, ["momentum", "velocity"])
+        else:
+            self._mu = [optimizer_slot(self, v, "momentum", self.mu_dtype) for v in var_list]
+            self._nu = self.add_optimizer_variables(var_list, "velocity")
         self._decay = {v.path: self.decay_multiplier(v) for v in var_list}
 
     def _clip_gradients(self, grads):
@@ -242,10 +253,16 @@ class BigVisionAdam(keras.optimizers.Optimizer):
         t = ops.cast(count + 1, dtype)
         mu = self._mu[self._get_variable_index(variable)]
         nu = self._nu[self._get_variable_index(variable)]
-        self.assign(mu, (1.0 - self.beta_1) * gradient + self.beta_1 * mu)
-        self.assign(nu, (1.0 - self.beta_2) * ops.square(gradient) + self.beta_2 * nu)
-        mu_hat = mu / (1.0 - ops.power(ops.cast(self.beta_1, dtype), t))
-        nu_hat = nu / (1.0 - ops.power(ops.cast(self.beta_2, dtype), t))
+        # optax's order: the new moments in the variable's dtype, the update
+        # from them, the first moment rounded to `mu_dtype` only when stored.
+        # (optax multiplies the stored moment by b1 in its own dtype.)
+        decayed_mu = ops.cast(ops.multiply(mu.value, ops.cast(self.beta_1, mu.dtype)), dtype)
+        new_mu = (1.0 - self.beta_1) * gradient + decayed_mu
+        new_nu = (1.0 - self.beta_2) * ops.square(gradient) + self.beta_2 * nu
+        self.assign(mu, ops.cast(new_mu, mu.dtype))
+        self.assign(nu, new_nu)
+        mu_hat = new_mu / (1.0 - ops.power(ops.cast(self.beta_1, dtype), t))
+        nu_hat = new_nu / (1.0 - ops.power(ops.cast(self.beta_2, dtype), t))
         update = mu_hat / (ops.sqrt(nu_hat + self.epsilon_root) + self.epsilon)
         update = update * ops.cast(self.peak_learning_rate, dtype)
         mult = self._decay.get(variable.path, 0.0)
@@ -272,6 +289,7 @@ class BigVisionAdam(keras.optimizers.Optimizer):
             beta_2=self.beta_2,
             epsilon=self.epsilon,
             epsilon_root=self.epsilon_root,
+            mu_dtype=self.mu_dtype,
         )
         return config
 

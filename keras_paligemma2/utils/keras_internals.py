@@ -209,3 +209,24 @@ def remove_lora_adapters(layer):
     del layer.lora_kernel_b
     layer._tracker.lock()
     layer.lora_enabled = False
+
+
+def optimizer_slot(optimizer, reference, name, dtype):
+    """An optimizer variable shaped and laid out as `reference`, in `dtype`.
+
+    Keras' `add_variable_from_reference` names and lays out the slot but
+    takes the reference's dtype; its layout is the private `_layout`.
+
+    Args:
+        optimizer: the `keras.optimizers.Optimizer` building its state.
+        reference: the model variable the slot follows.
+        name: str, the slot's name prefix (Keras' naming: path, then name).
+        dtype: str, the slot's dtype.
+    """
+    return optimizer.add_variable(
+        shape=reference.shape,
+        initializer="zeros",
+        dtype=dtype,
+        name=f"{reference.path.replace('/', '_')}_{name}",
+        layout=getattr(reference, "_layout", None),
+    )
