@@ -101,9 +101,10 @@ def test_chunked_loss_keeps_no_vocabulary_logits():
     )
     kept_chunked = _residual_bytes(lambda t: _loss_fn(chunked)(t, x, y, weights)[0], trainable)
     logits = 3 * 7 * VOCABULARY * 4  # (B, T, V) float32
-    # The plain step keeps the logits (at least once); the chunked one keeps
-    # each chunk's hidden states instead.
-    assert kept_plain - kept_chunked >= logits, (kept_plain, kept_chunked)
+    chunk_inputs = 24 * 32 * 4  # 21 tokens padded to 6 chunks of 4, width 32, float32
+    # The plain step keeps the logits' softmax; the chunked one keeps each
+    # chunk's hidden states instead (measured: 42,713 bytes fewer).
+    assert kept_plain - kept_chunked >= logits - chunk_inputs, (kept_plain, kept_chunked)
 
 
 def test_fit_with_chunked_loss_reports_the_plain_metrics():

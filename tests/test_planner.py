@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
+from jax._src.ad_checkpoint import saved_residuals
 
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
@@ -99,12 +100,98 @@ def _xla_training_temp_bytes(config, batch, length, lora):
         ),
     ],
 )
-def test_activation_estimate_within_30_percent_of_xla(config, batch, length, mode):
+def test_activation_estimate_covers_xla_cpu(config, batch, length, mode):
     xla = _xla_training_temp_bytes(config, batch, length, lora=mode == "lora")
     planned = dist.plan(
         config, (1, 1), mode, batch, length, dtype="float32", lora_rank=4
     ).activations
-    assert 0.7 * xla <= planned <= 1.3 * xla, (planned, xla)
+    # XLA:CPU reuses buffers the saved-residual count of `plan` keeps apart
+    # (measured: the plan 1.5-1.9x XLA:CPU's temporaries): XLA:CPU is not
+    # the target (see benchmarks/RESULTS.md); the plan must not count less.
+    assert planned >= 0.9 * xla, (planned, xla)
+
+
+def _decoder_only(layer):
+    # Keras matches string filters against layer names (`query`, `gate`),
+    # which the ViT shares; a function sees the path.
+    return (layer.path or "").startswith("decoder_block")
+
+
+def _saved_residual_bytes(config, batch, length, mode, dtype, remat, chunk, quantization):
+    """What JAX keeps for the backward pass of the task's training loss:
+    saved residuals that are neither arguments nor the frozen weights."""
+    lm = PaliGemma2CausalLM(PaliGemma2Backbone(**config, dtype=dtype))
+    if quantization:
+        lm.backbone.quantize(quantization, filters=_decoder_only)
+    if mode == "lora":
+        lm.enable_lora(4)
+    lm.compile(optimizer=keras.optimizers.SGD(0.1), remat=remat, loss_chunk_size=chunk)
+    lm.optimizer.build(lm.trainable_variables)
+    frozen = [v.value for v in lm.non_trainable_variables]
+    optimizer = [v.value for v in lm.optimizer.variables]
+    size = config["image_size"]
+    x = {
+        "images": jnp.zeros((batch, size, size, 3)),
+        "token_ids": jnp.zeros((batch, length), "int32"),
+        "padding_mask": jnp.ones((batch, length), "int32"),
+        "response_mask": jnp.ones((batch, length), "int32"),
+    }
+    y, w = jnp.zeros((batch, length), "int32"), jnp.ones((batch, length))
+
+    def loss(trainable):
+        return lm.compute_loss_and_updates(
+            trainable, frozen, [], x, y, w, training=True, optimizer_variables=optimizer
+        )[0]
+
+    trainable = [v.value for v in lm.trainable_variables]
+    return sum(
+        int(np.prod(aval.shape)) * aval.dtype.itemsize
+        for aval, source in saved_residuals(loss, trainable)
+        if not source.startswith(("from the argument", "from a constant"))
+    )
+
+
+@pytest.mark.parametrize(
+    "mode, dtype, remat, chunk, quantization",
+    [
+        ("full", "float32", False, None, None),
+        ("lora", "bfloat16", False, None, None),
+        ("full", "bfloat16", "matmuls", None, None),
+        ("lora", "bfloat16", "matmuls", None, None),
+        ("full", "bfloat16", "block", None, None),
+        ("lora", "bfloat16", False, 16, None),
+        ("lora", "bfloat16", "block", 16, "int4"),
+        ("lora", "bfloat16", False, None, "int8"),
+    ],
+)
+def test_saved_activations_within_15_percent_of_jax(mode, dtype, remat, chunk, quantization):
+    # Measured on this config: 0.92-1.01 of JAX's count for every option.
+    counted = _saved_residual_bytes(CONFIG, 4, 32, mode, dtype, remat, chunk, quantization)
+    planned = dist.plan(
+        CONFIG,
+        (1, 1),
+        mode,
+        4,
+        32,
+        dtype=dtype,
+        lora_rank=4,
+        remat=remat,
+        loss_chunk_size=chunk,
+        quantization=quantization,
+    ).saved_activations
+    assert 0.85 * counted <= planned <= 1.15 * counted, (planned, counted)
+
+
+def test_quantised_bases_count_keras_own_variables():
+    # Parameter bytes of int8 / int4 bases: what Keras' quantize leaves.
+    for mode in ("int8", "int4"):
+        backbone = PaliGemma2Backbone(**CONFIG, dtype="bfloat16")
+        backbone.quantize(mode, filters=_decoder_only)
+        placed = sum(v.value.nbytes for v in backbone.weights)
+        planned = dist.plan(CONFIG, (1, 1), "inference", dtype="bfloat16", quantization=mode)
+        assert planned.parameters == placed, (mode, planned.parameters, placed)
+    with pytest.raises(ValueError, match="do not train"):
+        dist.plan(CONFIG, mode="full", quantization="int4")
 
 
 def test_plan_splits_memory_the_expected_way():

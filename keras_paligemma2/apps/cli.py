@@ -437,7 +437,9 @@ def _plan(args):
     gib = 2**30
     print(
         f"{args.mode}, batch {args.batch_size}, {args.sequence_length} text tokens, {args.dtype}"
-        + (", remat" if args.remat else "")
+        + (f", remat {args.remat}" if args.remat else "")
+        + (f", {args.quantization} base" if args.quantization else "")
+        + (f", loss in chunks of {args.loss_chunk_size}" if args.loss_chunk_size else "")
         + f"; GiB per device on {args.devices} device(s)"
     )
     print(
@@ -454,9 +456,7 @@ def _plan(args):
             args.batch_size,
             args.sequence_length,
             args.dtype,
-            lora_rank=args.lora_rank,
-            remat=args.remat,
-            max_new_tokens=args.max_new_tokens,
+            **_plan_options(args),
         )
         fits = budget is not None and p.total <= budget
         if fits and chosen is None:
@@ -467,10 +467,73 @@ def _plan(args):
             row += (" chosen |" if shape == chosen else " yes |") if fits else " no |"
         print(row)
     if budget and chosen is None:
+        ways = _what_would_fit(dist, config, meshes, args, budget)
         print(
-            f"Nothing fits {args.headroom:.0%} of {args.device_memory} GiB per device: more devices, "
-            "--mode lora, --remat or a smaller batch."
+            f"Nothing fits {args.headroom:.0%} of {args.device_memory} GiB per device. "
+            + (f"What would: {'; '.join(ways)}." if ways else "More devices.")
         )
+
+
+def _plan_options(args, **changes):
+    options = dict(
+        lora_rank=args.lora_rank,
+        remat=args.remat,
+        max_new_tokens=args.max_new_tokens,
+        quantization=args.quantization,
+        loss_chunk_size=args.loss_chunk_size,
+        mu_dtype=args.mu_dtype,
+    )
+    options.update(changes)
+    return options
+
+
+def _what_would_fit(dist, config, meshes, args, budget):
+    """The smallest changes of the request, one lever at a time and then
+    together, that fit `budget` bytes on some mesh of these devices."""
+    training = args.mode != "inference"
+    levers = []
+    if training:
+        levers += [
+            ("--remat", dict(remat="block")),
+            ("--loss-chunk-size 128", dict(loss_chunk_size=128)),
+        ]
+    if args.mode != "full":
+        levers += [("--quantization int8", dict(quantization="int8"))]
+        levers += [("--quantization int4", dict(quantization="int4"))]
+    if args.mode == "full":
+        levers += [("--mode lora", dict(mode="lora"))]
+    combined = {k: v for _, change in levers for k, v in change.items() if k != "quantization"}
+    if args.mode != "full":
+        combined["quantization"] = "int4"
+    if len(levers) > 1:
+        levers.append((" ".join(name for name, _ in levers if "int8" not in name), combined))
+
+    def fits(batch, change):
+        change = dict(change)
+        mode = change.pop("mode", args.mode)
+        return any(
+            dist.plan(
+                config,
+                shape,
+                mode,
+                batch,
+                args.sequence_length,
+                args.dtype,
+                **_plan_options(args, **change),
+            ).total
+            <= budget
+            for shape in dist.meshes(args.devices, batch)
+        )
+
+    ways = [name for name, change in levers if fits(args.batch_size, change)]
+    for name, change in [("as asked", {})] + levers:
+        batch = args.batch_size // 2
+        while batch >= 1 and not fits(batch, change):
+            batch //= 2
+        if batch >= 1:
+            ways.append(f"batch {batch}" + ("" if name == "as asked" else f" with {name}"))
+            break
+    return ways
 
 
 # === Parser ===
@@ -654,8 +717,21 @@ def build_parser():
     )
     plan.add_argument("--lora-rank", type=int, default=8)
     plan.add_argument(
-        "--remat", action="store_true", help="training recomputes each block in the backward pass"
+        "--remat",
+        nargs="?",
+        const="block",
+        default=False,
+        choices=["block", "matmuls"],
+        help="training recomputes each block in the backward pass ('block', the default when "
+        "given; 'matmuls' keeps the projections' outputs)",
     )
+    plan.add_argument(
+        "--quantization", choices=["int8", "int4"], help="the decoder's kernels quantised"
+    )
+    plan.add_argument(
+        "--loss-chunk-size", type=int, help="training: the loss's logits this many tokens at a time"
+    )
+    plan.add_argument("--mu-dtype", choices=["bfloat16"], help="Adam's first moment stored so")
     plan.set_defaults(run=_plan)
     return parser
 

@@ -110,10 +110,9 @@ class EinsumDense(_KeepsAdapters, keras.layers.EinsumDense):
             raise NotImplementedError(
                 f"LoRA needs the kernel's last axis to be the output's last: {self.equation}."
             )
-        down = ops.einsum(
-            f"{source},{kernel[:-1]}{rank}->{output[:-1]}{rank}", inputs, self.lora_kernel_a
-        )
-        x = ops.add(x, ops.matmul(down, self.lora_kernel_b) * (self.lora_alpha / self.lora_rank))
+        lora_a, lora_b = _adapters_in(self, inputs.dtype)
+        down = ops.einsum(f"{source},{kernel[:-1]}{rank}->{output[:-1]}{rank}", inputs, lora_a)
+        x = ops.add(x, ops.matmul(down, lora_b) * (self.lora_alpha / self.lora_rank))
         return self._finish(x)
 
 
@@ -136,6 +135,15 @@ class Dense(_KeepsAdapters, keras.layers.Dense):
         if not self.lora_enabled:
             return super().call(inputs, training=training)
         x = ops.matmul(inputs, base_kernel(self))
-        down = ops.matmul(inputs, self.lora_kernel_a)
-        x = ops.add(x, ops.matmul(down, self.lora_kernel_b) * (self.lora_alpha / self.lora_rank))
+        lora_a, lora_b = _adapters_in(self, inputs.dtype)
+        down = ops.matmul(inputs, lora_a)
+        x = ops.add(x, ops.matmul(down, lora_b) * (self.lora_alpha / self.lora_rank))
         return self._finish(x)
+
+
+def _adapters_in(layer, dtype):
+    # Keras keeps the adapters in float32 whatever the layer's dtype; used as
+    # they are, they would promote a bfloat16 layer's output (and every
+    # activation after it) to float32. They train in float32 and compute in
+    # the layer's compute dtype, as mixed precision does.
+    return ops.cast(layer.lora_kernel_a, dtype), ops.cast(layer.lora_kernel_b, dtype)
