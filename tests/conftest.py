@@ -1,9 +1,22 @@
 import os
+import tempfile
 
 # Before anything imports Keras: the package runs on JAX; 8 simulated CPU
 # devices let sharding tests build meshes.
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Most of the suite's time is XLA:CPU compiling small programs, and each new
+# model brings new jitted functions that JAX's in-memory cache misses even
+# when their programs are ones compiled before. The persistent cache (keyed
+# by the program, the flags and JAX's version) lets a test reuse what an
+# earlier test, the other xdist worker or a notebook's kernel compiled;
+# children (CLI and notebook tests) inherit it through the environment.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"keras-paligemma2-tests-xla-{os.getuid()}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pathlib  # noqa: E402

@@ -144,7 +144,8 @@ def test_sharded_lora_step_equals_single_device_and_int8_lora_runs(reference, me
         for v in lm.variables:
             # As the full step above (measured 0.5 ulps).
             assert_close(v.value, reference["lora_step"][v.path], ulps=8, err_msg=v.path)
-
+    if mesh_shape != (2, 4):
+        return  # The quantised base: on one mesh with both axes (suite time).
     quantized, distribution = _sharded_lm(mesh_shape, reference["weights"])
     with distribution.scope():
         quantized.backbone.quantize("int8")

@@ -59,8 +59,10 @@ def _plain_loss_fn(lm, smoothing):
     return loss
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_chunked_loss_equals_the_plain_loss_and_its_gradients(smoothing):
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
+    # With label smoothing, both terms of the loss (without: the `fit` test
+    # below compares losses and metrics).
+    smoothing = 0.1
     x, y, weights = _batch()
     plain = _task(label_smoothing=smoothing)
     chunked = _task(label_smoothing=smoothing, loss_chunk_size=5)  # 21 tokens: a padded chunk.
@@ -120,31 +122,29 @@ def test_fit_with_chunked_loss_reports_the_plain_metrics():
         assert_close(logs[1][name], logs[0][name], ulps=16, err_msg=name)
 
 
-@pytest.mark.parametrize("policy", ["block", "matmuls"])
-def test_remat_policies_give_the_gradients_and_keep_less(policy):
+def test_remat_policies_give_the_gradients_and_keep_less():
     x, y, weights = _batch()
-    plain, remat = _task(), _task(remat=policy)
-    trainable = [v.value for v in plain.trainable_variables]
-    fn_plain, fn_remat = _plain_loss_fn(plain, 0.0), _plain_loss_fn(remat, 0.0)
-    want = jax.grad(lambda t: fn_plain(t, x, y, weights)[0])(trainable)
-    got = jax.grad(lambda t: fn_remat(t, x, y, weights)[0])(trainable)
-    for variable, g, w in zip(plain.trainable_variables, got, want):
-        # The same forward recomputed, fused otherwise by XLA: sums over the
-        # batch and two blocks in another order (measured 8 ulps of the
-        # largest entry at most).
-        assert_close(
-            g, w, ulps=32, scale=max(np.abs(np.asarray(w)).max(), 1e-3), err_msg=variable.path
-        )
-    kept = {
-        name: _residual_bytes(lambda t, fn=fn: fn(t, x, y, weights)[0], trainable)
-        for name, fn in (("none", fn_plain), ("remat", fn_remat))
-    }
-    assert kept["remat"] < kept["none"], kept
-    if policy == "matmuls":
-        block = _task(remat="block")
-        fn_block = _plain_loss_fn(block, 0.0)
-        kept_block = _residual_bytes(lambda t: fn_block(t, x, y, weights)[0], trainable)
-        assert kept_block < kept["remat"], (kept_block, kept)
+    trainable = None
+    grads, kept = {}, {}
+    for policy in (None, "block", "matmuls"):
+        lm = _task() if policy is None else _task(remat=policy)
+        trainable = trainable or [v.value for v in lm.trainable_variables]
+        fn = _plain_loss_fn(lm, 0.0)
+        grads[policy] = jax.grad(lambda t, fn=fn: fn(t, x, y, weights)[0])(trainable)
+        kept[policy] = _residual_bytes(lambda t, fn=fn: fn(t, x, y, weights)[0], trainable)
+    for policy in ("block", "matmuls"):
+        for variable, g, w in zip(lm.trainable_variables, grads[policy], grads[None]):
+            # The same forward recomputed, fused otherwise by XLA: sums over
+            # the batch and two blocks in another order (measured 8 ulps of
+            # the largest entry at most).
+            assert_close(
+                g,
+                w,
+                ulps=32,
+                scale=max(np.abs(np.asarray(w)).max(), 1e-3),
+                err_msg=f"{policy}: {variable.path}",
+            )
+    assert kept["block"] < kept["matmuls"] < kept[None], kept
 
 
 def test_bad_lever_settings_are_explained():

@@ -1,5 +1,7 @@
 """Layouts for a config or preset over a device mesh, and the meshes a device count allows."""
 
+import json
+
 import keras
 
 from keras_paligemma2.checkpoints.presets import preset_config
@@ -30,7 +32,20 @@ def model_weights(config):
         config: dict of backbone constructor arguments, or a registered or
             shipped preset name, or a Keras preset directory.
     """
-    return PaliGemma2Backbone.weight_shapes(resolve_config(config))
+    config = resolve_config(config)
+    try:
+        key = json.dumps(config, sort_keys=True)
+    except TypeError:  # e.g. a DTypePolicy object as dtype: no cache
+        return PaliGemma2Backbone.weight_shapes(config)
+    if key not in _WEIGHTS:
+        # Tracing the backbone's construction takes ~1.4 s at PaliGemma 2's
+        # sizes; the planner and `plan`'s what-would-fit search ask for the
+        # same config many times.
+        _WEIGHTS[key] = tuple(PaliGemma2Backbone.weight_shapes(config))
+    return list(_WEIGHTS[key])
+
+
+_WEIGHTS = {}  # json of a config -> its ((path, shape), ...)
 
 
 def layout_map(device_mesh, config, model_axis="model", data_axis="batch", fsdp=False):
