@@ -111,18 +111,12 @@ def test_activation_estimate_covers_xla_cpu(config, batch, length, mode):
     assert planned >= 0.9 * xla, (planned, xla)
 
 
-def _decoder_only(layer):
-    # Keras matches string filters against layer names (`query`, `gate`),
-    # which the ViT shares; a function sees the path.
-    return (layer.path or "").startswith("decoder_block")
-
-
 def _saved_residual_bytes(config, batch, length, mode, dtype, remat, chunk, quantization):
     """What JAX keeps for the backward pass of the task's training loss:
     saved residuals that are neither arguments nor the frozen weights."""
     lm = PaliGemma2CausalLM(PaliGemma2Backbone(**config, dtype=dtype))
     if quantization:
-        lm.backbone.quantize(quantization, filters=_decoder_only)
+        lm.backbone.quantize(quantization, quantize_vision=False)
     if mode == "lora":
         lm.enable_lora(4)
     lm.compile(optimizer=keras.optimizers.SGD(0.1), remat=remat, loss_chunk_size=chunk)
@@ -187,7 +181,7 @@ def test_quantised_bases_count_keras_own_variables():
     config = dict(CONFIG, num_layers=1, vit_num_layers=1)
     for mode in ("int8", "int4"):
         backbone = PaliGemma2Backbone(**config, dtype="bfloat16")
-        backbone.quantize(mode, filters=_decoder_only)
+        backbone.quantize(mode, quantize_vision=False)
         placed = sum(v.value.nbytes for v in backbone.weights)
         planned = dist.plan(config, (1, 1), "inference", dtype="bfloat16", quantization=mode)
         assert planned.parameters == placed, (mode, planned.parameters, placed)

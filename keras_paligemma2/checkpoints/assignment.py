@@ -23,6 +23,8 @@ import keras
 import numpy as np
 import tqdm
 
+from keras_paligemma2.layers.projections import is_quantized
+from keras_paligemma2.utils.keras_internals import base_kernel
 from keras_paligemma2.utils.keras_internals import forget_pending_initialization
 from keras_paligemma2.utils.keras_internals import initialize_variable
 from keras_paligemma2.utils.tensor_files import CheckpointError
@@ -50,7 +52,17 @@ def layer_slice(index):
     return lambda x: x[index]
 
 
-def load_model(cls, config, rules, tensors, source_name, ignored=(), progress=None):
+def load_model(
+    cls,
+    config,
+    rules,
+    tensors,
+    source_name,
+    ignored=(),
+    progress=None,
+    quantization=None,
+    quantize_vision=False,
+):
     """Builds `cls(**config)` with every variable filled from the checkpoint.
 
     The model is built without running any initializer (a 3B model's random
@@ -72,10 +84,17 @@ def load_model(cls, config, rules, tensors, source_name, ignored=(), progress=No
         ignored: source names that may be present and are not used.
         progress: show a progress bar (on stderr); None shows one for
             checkpoints over 1 GiB.
+        quantization: None, "int8" or "int4": each projection kernel that
+            `projections.is_quantized` names is quantised by its layer's own
+            Keras `quantize` as soon as it is filled, and its float value
+            dropped: the host holds the quantised model and at most the
+            tensors in flight, never the float model.
+        quantize_vision: bool; with `quantization`, the ViT's kernels too.
     """
     with keras.StatelessScope(initialize_variables=False):
         model = cls(**config)
     variables = {v.path: v for v in model.variables}
+    to_quantize = _layers_to_quantize(model, quantization, quantize_vision)
     try:
         table = rules(model.get_config())
         _check(table, variables, tensors, source_name, ignored)
@@ -117,11 +136,30 @@ def load_model(cls, config, rules, tensors, source_name, ignored=(), progress=No
                     variable, future = pending.popleft()
                     initialize_variable(variable, future.result())
                     bar.update(_nbytes(variable))
+                    layer = to_quantize.pop(variable.path, None)
+                    if layer is not None:
+                        layer.quantize(quantization)
+                        # The float kernel, replaced: off Keras' list of
+                        # variables to initialise too, which would keep it.
+                        forget_pending_initialization([variables.pop(variable.path)])
+                    variable = future = layer = None  # nothing keeps the float value
     except OSError as error:
         raise unreadable_checkpoint(source_name, error) from error
     finally:
         forget_pending_initialization(model.variables)
     return model
+
+
+def _layers_to_quantize(model, mode, quantize_vision):
+    """{float kernel path: its layer} for the layers `mode` quantises."""
+    if mode is None:
+        return {}
+    return {
+        base_kernel(layer).path: layer
+        for layer in model._flatten_layers()
+        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
+        and is_quantized(layer.path, quantize_vision)
+    }
 
 
 def _nbytes(variable):

@@ -19,6 +19,7 @@ from keras_paligemma2.checkpoints import hf
 from keras_paligemma2.checkpoints import keras_hub_preset
 from keras_paligemma2.checkpoints import presets
 from keras_paligemma2.checkpoints.assignment import load_model
+from keras_paligemma2.layers.projections import check_quantization
 from keras_paligemma2.preprocessing.image_converter import PaliGemma2ImageConverter
 from keras_paligemma2.preprocessing.preprocessor import PaliGemma2CausalLMPreprocessor
 from keras_paligemma2.preprocessing.tokenizer import PaliGemma2Tokenizer
@@ -36,7 +37,15 @@ from keras_paligemma2.utils.tensor_files import CheckpointError
 from keras_paligemma2.utils.tensor_files import read_npz_lazily
 
 
-def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
+def load_backbone(
+    cls,
+    preset,
+    load_weights=True,
+    source=None,
+    quantization=None,
+    quantize_vision=False,
+    **overrides,
+):
     """`PaliGemma2Backbone.from_preset`: see its docstring.
 
     Args:
@@ -46,12 +55,26 @@ def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
         load_weights: bool; False builds the architecture only.
         source: None, "big_vision", "transformers" or "keras_hub"; for
             registered names only.
+        quantization: None, "int8" or "int4": each projection kernel
+            quantised as it is read (see `assignment.load_model`).
+        quantize_vision: bool; the ViT's and image projection's kernels too.
         **overrides: constructor arguments replacing the checkpoint's config.
     """
+    check_quantization(quantization)
     preset = _embedded(os.fspath(preset), source)
     _check_overrides(cls, overrides)
+    if not load_weights:
+        backbone = _load_backbone(cls, preset, False, source, overrides, {})
+        if quantization is not None:
+            backbone.quantize(quantization, quantize_vision=quantize_vision)
+        return backbone
+    quantize = {"quantization": quantization, "quantize_vision": quantize_vision}
+    return _load_backbone(cls, preset, True, source, overrides, quantize)
+
+
+def _load_backbone(cls, preset, load_weights, source, overrides, quantize):
     if preset in presets.PRESETS:
-        return _load_registered(cls, preset, load_weights, source, overrides)
+        return _load_registered(cls, preset, load_weights, source, overrides, quantize)
     if source is not None:
         raise InputError(f"`source` applies to registered preset names only, not {preset!r}.")
     if os.path.isfile(preset):
@@ -71,7 +94,9 @@ def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
             )
         tensors = big_vision.strip_prefix(read_npz_lazily(preset))
         config = {**big_vision.infer_config(tensors, preset), **overrides}
-        return _build_and_assign(cls, config, big_vision.rules, tensors, preset, load_weights)
+        return _build_and_assign(
+            cls, config, big_vision.rules, tensors, preset, load_weights, quantize=quantize
+        )
     if os.path.isdir(preset):
         if hf.is_hf_directory(preset):
             with open(os.path.join(preset, "config.json")) as f:
@@ -79,10 +104,10 @@ def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
             config = {**hf.infer_config(hf_config, preset), **overrides}
             tensors = hf.read_tensors(preset) if load_weights else {}
             return _build_and_assign(
-                cls, config, hf.rules, tensors, preset, load_weights, hf.TIED_OUTPUT
+                cls, config, hf.rules, tensors, preset, load_weights, hf.TIED_OUTPUT, quantize
             )
         if _is_keras_preset(preset):
-            return _load_keras_preset(cls, preset, load_weights, overrides)
+            return _load_keras_preset(cls, preset, load_weights, overrides, quantize)
         raise CheckpointError(
             f"{preset!r} is a directory but neither an HF transformers "
             "PaliGemma checkpoint (config.json with model_type 'paligemma' "
@@ -90,7 +115,7 @@ def load_backbone(cls, preset, load_weights=True, source=None, **overrides):
             "(config.json + metadata.json)."
         )
     if "://" in preset:
-        return _load_keras_preset(cls, preset, load_weights, overrides)
+        return _load_keras_preset(cls, preset, load_weights, overrides, quantize)
     raise InputError(presets.unknown_preset_message(preset))
 
 
@@ -128,7 +153,7 @@ def _keep_saved_dtype(preset, overrides):
     return {**overrides, "dtype": keras.dtype_policies.deserialize(saved)}
 
 
-def _load_keras_preset(cls, preset, load_weights, overrides):
+def _load_keras_preset(cls, preset, load_weights, overrides, quantize):
     class_name = _keras_preset_class(preset)
     if class_name == cls.__name__:
         overrides = _keep_saved_dtype(preset, overrides)
@@ -136,7 +161,12 @@ def _load_keras_preset(cls, preset, load_weights, overrides):
             return keras_hub_backbone_from_preset(cls, preset, load_weights=False, **overrides)
         with keras.StatelessScope(initialize_variables=False):
             model = keras_hub_backbone_from_preset(cls, preset, load_weights=False, **overrides)
-        return _fill_from_keras_preset(model, preset)
+        model = _fill_from_keras_preset(model, preset)
+        if quantize.get("quantization"):
+            # Keras' own weight files load whole (its loader, not ours):
+            # quantised after loading, so the float model is held once.
+            model.quantize(quantize["quantization"], quantize_vision=quantize["quantize_vision"])
+        return model
     if class_name != "PaliGemmaBackbone":
         raise CheckpointError(
             f"{preset!r} holds a keras-hub {class_name}, not a PaliGemma backbone."
@@ -160,7 +190,9 @@ def _load_keras_preset(cls, preset, load_weights, overrides):
         )
     _fill_from_keras_preset(source, preset)
     tensors = keras_hub_preset.read_tensors(source, keras_hub_preset.rules(config))
-    return _build_and_assign(cls, config, keras_hub_preset.rules, tensors, preset, load_weights)
+    return _build_and_assign(
+        cls, config, keras_hub_preset.rules, tensors, preset, load_weights, quantize=quantize
+    )
 
 
 def _fill_from_keras_preset(model, preset):
@@ -191,7 +223,7 @@ def _fill_from_keras_preset(model, preset):
     return model
 
 
-def _load_registered(cls, name, load_weights, source, overrides):
+def _load_registered(cls, name, load_weights, source, overrides, quantize):
     """A registered name: the architecture, or the released weights."""
     entry = presets.PRESETS[name]
     if not load_weights:
@@ -204,7 +236,7 @@ def _load_registered(cls, name, load_weights, source, overrides):
         )
     sources = entry["sources"]
     if source == "keras_hub":
-        return _load_keras_preset(cls, sources["keras_hub"], True, overrides)
+        return _load_keras_preset(cls, sources["keras_hub"], True, overrides, quantize)
     if source == "transformers":
         repo = sources["transformers"]["repo_id"]
         directory = download.download_repository(
@@ -215,12 +247,14 @@ def _load_registered(cls, name, load_weights, source, overrides):
             config = hf.infer_config(json.load(f), repo)
         _check_matches_preset(config, entry["config"], repo, name)
         tensors = hf.read_tensors(directory)
-        return load_model(cls, {**config, **overrides}, hf.rules, tensors, repo, hf.TIED_OUTPUT)
+        return load_model(
+            cls, {**config, **overrides}, hf.rules, tensors, repo, hf.TIED_OUTPUT, **quantize
+        )
     path = download.download_file(**sources["big_vision"])
     tensors = big_vision.strip_prefix(read_npz_lazily(path))
     config = big_vision.infer_config(tensors, path)
     _check_matches_preset(config, entry["config"], path, name)
-    return load_model(cls, {**config, **overrides}, big_vision.rules, tensors, path)
+    return load_model(cls, {**config, **overrides}, big_vision.rules, tensors, path, **quantize)
 
 
 def _check_matches_preset(config, expected, source_name, preset):
@@ -252,8 +286,10 @@ def load_task(cls, preset, load_weights=True, source=None, **overrides):
         source: None, "big_vision", "transformers" or "keras_hub"; for
             registered names only.
         **overrides: backbone constructor arguments replacing the checkpoint's
-            config, and `preprocessor` (a preprocessor, or None) replacing the
-            one the checkpoint brings, as keras-hub's `from_preset` takes it.
+            config, `quantization` and `quantize_vision` (as `load_backbone`
+            takes them), and `preprocessor` (a preprocessor, or None)
+            replacing the one the checkpoint brings, as keras-hub's
+            `from_preset` takes it.
     """
     given = {"preprocessor": overrides.pop("preprocessor")} if "preprocessor" in overrides else {}
     path = _embedded(os.fspath(preset), source)
@@ -303,10 +339,12 @@ def _find_tokenizer(path, source):
     return None
 
 
-def _build_and_assign(cls, config, rules_for, tensors, source, load_weights, ignored=()):
+def _build_and_assign(
+    cls, config, rules_for, tensors, source, load_weights, ignored=(), quantize=None
+):
     if not load_weights:
         return cls(**config)
-    return load_model(cls, config, rules_for, tensors, source, ignored)
+    return load_model(cls, config, rules_for, tensors, source, ignored, **(quantize or {}))
 
 
 def _check_overrides(cls, overrides):

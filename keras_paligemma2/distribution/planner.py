@@ -9,6 +9,7 @@ from keras_paligemma2.distribution.meshes import meshes
 from keras_paligemma2.distribution.meshes import model_parallel
 from keras_paligemma2.distribution.meshes import model_weights
 from keras_paligemma2.distribution.meshes import resolve_config
+from keras_paligemma2.layers import projections
 from keras_paligemma2.layers.remat import remat_policy
 from keras_paligemma2.models.layouts import FSDP_MIN_SIZE  # noqa: F401 (part of this module's API)
 from keras_paligemma2.models.layouts import MODEL_PREFERENCES  # noqa: F401
@@ -20,7 +21,6 @@ from keras_paligemma2.utils.errors import InputError
 # --- Memory planner ---------------------------------------------------------
 
 MODES = ("inference", "lora", "full")
-QUANTIZATIONS = (None, "int8", "int4")
 # Inference (prefill): bytes per token of one block's transients, fitted to
 # XLA's accounting of a forward pass: the residual stream and norms (~4 D),
 # the MLP (~3 F), the attention projections, RoPE and output (~12 N H) and
@@ -126,8 +126,7 @@ def plan(
     config = resolve_config(config)
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}; got {mode!r}.")
-    if quantization not in QUANTIZATIONS:
-        raise InputError(f"quantization must be one of {QUANTIZATIONS}; got {quantization!r}.")
+    projections.check_quantization(quantization)
     if quantization and mode == "full":
         raise InputError(
             "Quantised weights do not train: use mode='lora' on a quantised base, "
@@ -213,11 +212,8 @@ _PROJECTION_KERNELS = (
 
 def _is_quantized(path, quantize_vision):
     """Whether Keras' quantize turns this weight into integers."""
-    if not path.endswith("/kernel") or "patch_embedding" in path:
-        return False  # Norms, biases, embeddings and the convolution stay float.
-    if path.startswith("decoder_block"):
-        return True
-    return quantize_vision and path.startswith(("vision_encoder", "image_projection"))
+    layer_path, name = path.rsplit("/", 1)
+    return name == "kernel" and projections.is_quantized(layer_path, quantize_vision)
 
 
 _INT4_GROUP = 128

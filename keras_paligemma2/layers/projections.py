@@ -24,9 +24,39 @@ Use them as `projections.Dense`, beside `keras.layers.Dense`.
 import keras
 from keras import ops
 
+from keras_paligemma2.utils.errors import InputError
 from keras_paligemma2.utils.keras_internals import base_kernel
 
 ADAPTER_KEYS = ("lora_kernel_a", "lora_kernel_b")
+
+QUANTIZATIONS = (None, "int8", "int4")
+
+
+def is_quantized(layer_path, quantize_vision):
+    """Whether quantising the backbone makes this layer's kernel integers:
+    every projection of the decoder, and with `quantize_vision` the ViT's and
+    the image projection's too. Embeddings, norms and the patch convolution
+    stay float (Keras quantises none of them here).
+
+    Args:
+        layer_path: str, a layer's Keras path, e.g.
+            "decoder_block_0/attention/query".
+        quantize_vision: bool; the ViT and the image projection too.
+    """
+    if "patch_embedding" in layer_path:
+        return False
+    if layer_path.startswith("decoder_block"):
+        return True
+    return quantize_vision and layer_path.startswith(("vision_encoder", "image_projection"))
+
+
+def check_quantization(mode):
+    """Raises an `InputError` unless `mode` is None, "int8" or "int4"."""
+    if mode not in QUANTIZATIONS:
+        raise InputError(
+            f"quantization must be one of {QUANTIZATIONS} (Keras' int8 or int4 "
+            f"kernels); got {mode!r}."
+        )
 
 
 class _KeepsAdapters:

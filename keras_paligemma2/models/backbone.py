@@ -284,6 +284,33 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         )
         lora.enable_lora_by_layer_name(self, rank, names)
 
+    def quantize(self, mode=None, config=None, filters=None, quantize_vision=True, **kwargs):
+        """Keras' `Model.quantize`, with the decoder alone a keyword away.
+
+        `quantize_vision=False` quantises the decoder's projections only (the
+        ViT and the image projection stay float): what QLoRA usually wants,
+        and what `from_preset(..., quantization=)` and the planner assume by
+        default. Keras' string `filters` match layer *names*, which the ViT
+        and the decoder share (`query`, ...), so they cannot say this.
+
+        Args:
+            mode: str, Keras' mode ("int8", "int4", "float8", "gptq", "awq").
+            config: a Keras `QuantizationConfig` or None.
+            filters: Keras' filters (regex, list of them, or a callable on a
+                layer); only with `quantize_vision=True`.
+            quantize_vision: bool (default True, Keras' behaviour: every
+                projection); False: the decoder's only.
+            **kwargs: passed to Keras' `quantize`.
+        """
+        if not quantize_vision:
+            if filters is not None:
+                raise InputError(
+                    "Give either `filters` or `quantize_vision=False` (the "
+                    "decoder's projections), not both."
+                )
+            filters = _decoder_projection
+        super().quantize(mode, config=config, filters=filters, **kwargs)
+
     @classmethod
     def get_layout_map(
         cls,
@@ -482,7 +509,15 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             keras_hub.models.Backbone.save_to_preset(self, staging, max_shard_size=max_shard_size)
 
     @classmethod
-    def from_preset(cls, preset, load_weights=True, source=None, **overrides):
+    def from_preset(
+        cls,
+        preset,
+        load_weights=True,
+        source=None,
+        quantization=None,
+        quantize_vision=False,
+        **overrides,
+    ):
         """Builds the backbone from a preset name, checkpoint file or directory.
 
         `preset` may be:
@@ -512,11 +547,31 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
                 with freshly initialised weights.
             source: None (default "big_vision"), "big_vision", "transformers"
                 or "keras_hub"; for registered names only (else a ValueError).
+            quantization: None (default), "int8" or "int4": Keras'
+                quantised kernels for the decoder's projections, each kernel
+                quantised as it is read, so the float model is never held
+                (a 10B checkpoint quantises in less memory than its bfloat16
+                size); the same values as `quantize(mode)` after loading.
+                A Keras preset (`save_to_preset`) is loaded, then quantised.
+            quantize_vision: bool (default False); with `quantization`, the
+                ViT's and the image projection's kernels too.
             **overrides: backbone constructor arguments replacing the
                 checkpoint's config (unknown names are a ValueError).
         """
 
-        return load_backbone(cls, preset, load_weights=load_weights, source=source, **overrides)
+        return load_backbone(
+            cls,
+            preset,
+            load_weights=load_weights,
+            source=source,
+            quantization=quantization,
+            quantize_vision=quantize_vision,
+            **overrides,
+        )
+
+
+def _decoder_projection(layer):
+    return projections.is_quantized(layer.path or "", quantize_vision=False)
 
 
 _BACKBONE_INPUTS = ("images", "token_ids", "padding_mask", "response_mask")

@@ -971,7 +971,15 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             keras_hub.models.CausalLM.save_to_preset(self, staging, max_shard_size=max_shard_size)
 
     @classmethod
-    def from_preset(cls, preset, load_weights=True, source=None, **overrides):
+    def from_preset(
+        cls,
+        preset,
+        load_weights=True,
+        source=None,
+        quantization=None,
+        quantize_vision=False,
+        **overrides,
+    ):
         """Builds the task from a preset name, checkpoint file or directory.
 
         Accepts what `PaliGemma2Backbone.from_preset` accepts. Checkpoints
@@ -985,13 +993,26 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 with freshly initialised weights (the tokenizer is still loaded).
             source: None (default "big_vision"), "big_vision", "transformers"
                 or "keras_hub"; for registered names only.
+            quantization: None, "int8" or "int4": the decoder's kernels
+                quantised as they are read (`PaliGemma2Backbone.from_preset`);
+                e.g. QLoRA: `from_preset(name, quantization="int4")`, then
+                `enable_lora(8)`.
+            quantize_vision: bool (default False); the ViT's kernels too.
             **overrides: backbone constructor arguments replacing the
                 checkpoint's config, and `preprocessor` (a preprocessor, or
                 None for a task on token ids) replacing the one the
                 checkpoint brings, as keras-hub's `from_preset` takes it.
         """
 
-        return load_task(cls, preset, load_weights=load_weights, source=source, **overrides)
+        return load_task(
+            cls,
+            preset,
+            load_weights=load_weights,
+            source=source,
+            quantization=quantization,
+            quantize_vision=quantize_vision,
+            **overrides,
+        )
 
 
 def _is_raw(x):
