@@ -2,7 +2,7 @@
 
     python -m benchmarks.load make DIR          # ~6 GB per format, random values
     python -m benchmarks.load measure DIR       # each load in a fresh process
-    python -m benchmarks.load time PATH [--warm] # one load, for A/B runs
+    python -m benchmarks.load time PATH [--warm] [--quantization int8|int4]
 
 `make` writes a 3B-shaped (pg2_3b_224) bfloat16 checkpoint with the real
 tensor names and shapes, as a big_vision `.b16.npz` and as an HF transformers
@@ -16,7 +16,10 @@ where allowed), the least any loader must do: on VMs where first-touching
 fresh memory is slow, that, not the disk, bounds loading.
 `time` runs one `from_preset` in a fresh process, the page cache dropped first
 (kept with `--warm`), without the `cat`s: to compare two checkouts in turn,
-run `python -m benchmarks.load time PATH` from each checkout in turn.
+run `python -m benchmarks.load time PATH` from each checkout in turn. With
+`--quantization int8|int4` it loads straight into the quantised decoder
+(`from_preset(..., quantization=)`): the peak RSS then shows whether the
+float model was ever held.
 """
 
 import argparse
@@ -210,6 +213,7 @@ os.environ["KERAS_BACKEND"] = "jax"
 import jax, keras, keras_hub, numpy
 from keras_paligemma2 import PaliGemma2Backbone
 kind, path = sys.argv[1], sys.argv[2]
+quantization = sys.argv[3] if len(sys.argv) > 3 else None
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
 if kind == "floor":
@@ -245,12 +249,13 @@ if kind == "floor":
 if kind == "keras_hub_native":
     model = keras_hub.models.PaliGemmaBackbone.from_preset(path, dtype="bfloat16")
 else:
-    model = PaliGemma2Backbone.from_preset(path, dtype="bfloat16")
+    model = PaliGemma2Backbone.from_preset(path, dtype="bfloat16", quantization=quantization)
 jax.block_until_ready([v.value for v in model.weights])
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"seconds": seconds, "baseline": baseline, "peak": peak,
-                  "params": sum(int(numpy.prod(v.shape)) for v in model.weights)}))
+                  "params": sum(int(numpy.prod(v.shape)) for v in model.weights),
+                  "model_bytes": sum(v.value.nbytes for v in model.weights)}))
 """
 
 
@@ -329,11 +334,14 @@ def measure(directory, with_keras_hub=True, only=None):
     return rows
 
 
-def time_one(path, warm=False):
+def time_one(path, warm=False, quantization=None):
     dropped = warm or drop_page_cache()
     out = (
         subprocess.run(
-            [sys.executable, "-c", CHILD, "ours", path], capture_output=True, text=True, check=True
+            [sys.executable, "-c", CHILD, "ours", path] + ([quantization] if quantization else []),
+            capture_output=True,
+            text=True,
+            check=True,
         )
         .stdout.strip()
         .splitlines()[-1]
@@ -345,8 +353,11 @@ def time_one(path, warm=False):
         if warm
         else ("page cache dropped" if dropped else "page cache NOT dropped")
     )
+    size = sum(os.path.getsize(f) for f in files_of(path))
     print(
-        f"{path}: load {result['seconds']:.1f} s, peak RSS above baseline {above / 2**30:.2f} GiB, {cache}",
+        f"{path}{f' into {quantization}' if quantization else ''}: load {result['seconds']:.1f} s, "
+        f"peak RSS above baseline {above / 2**30:.2f} GiB ({above / size:.2f}x the file's "
+        f"{size / 2**30:.2f} GiB), model {result['model_bytes'] / 2**30:.2f} GiB, {cache}",
         flush=True,
     )
 
@@ -358,6 +369,9 @@ def main():
         "directory", help="the benchmark directory (make, measure) or one checkpoint (time)"
     )
     parser.add_argument("--warm", action="store_true", help="keep the page cache (time)")
+    parser.add_argument(
+        "--quantization", choices=["int8", "int4"], help="load straight into int8 / int4 (time)"
+    )
     parser.add_argument(
         "--keras-hub", action="store_true", help="also write a keras-hub preset (make)"
     )
@@ -371,7 +385,7 @@ def main():
     if args.command == "make":
         make(args.directory, args.keras_hub)
     elif args.command == "time":
-        time_one(args.directory, args.warm)
+        time_one(args.directory, args.warm, args.quantization)
     else:
         measure(args.directory, with_keras_hub=not args.skip_keras_hub, only=args.only)
 
