@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tqdm
 
-from keras_paligemma2.layers.projections import is_quantized
+from keras_paligemma2.layers.projections import quantizes_layer
 from keras_paligemma2.utils.keras_internals import base_kernel
 from keras_paligemma2.utils.keras_internals import forget_pending_initialization
 from keras_paligemma2.utils.keras_internals import initialize_variable
@@ -157,8 +157,7 @@ def _layers_to_quantize(model, mode, quantize_vision):
     return {
         base_kernel(layer).path: layer
         for layer in model._flatten_layers()
-        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
-        and is_quantized(layer.path, quantize_vision)
+        if quantizes_layer(layer, quantize_vision)
     }
 
 

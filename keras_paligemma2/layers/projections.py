@@ -50,6 +50,20 @@ def is_quantized(layer_path, quantize_vision):
     return quantize_vision and layer_path.startswith(("vision_encoder", "image_projection"))
 
 
+def quantizes_layer(layer, quantize_vision):
+    """`is_quantized` for a layer object: a Keras `Dense` / `EinsumDense`
+    (the projections, the only layers here Keras can quantise) at a
+    quantised path.
+
+    Args:
+        layer: a Keras layer of the backbone.
+        quantize_vision: bool; the ViT and the image projection too.
+    """
+    return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) and is_quantized(
+        layer.path or "", quantize_vision
+    )
+
+
 def check_quantization(mode):
     """Raises an `InputError` unless `mode` is None, "int8" or "int4"."""
     if mode not in QUANTIZATIONS:

@@ -1,5 +1,6 @@
 """`PaliGemma2Backbone`: SigLIP encoder, linear projector and Gemma 2 decoder."""
 
+import functools
 import os
 
 import jax
@@ -298,17 +299,21 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             config: a Keras `QuantizationConfig` or None.
             filters: Keras' filters (regex, list of them, or a callable on a
                 layer); only with `quantize_vision=True`.
-            quantize_vision: bool (default True, Keras' behaviour: every
-                projection); False: the decoder's only.
+            quantize_vision: bool (default True: every projection, as Keras
+                quantises them); False: the decoder's only.
             **kwargs: passed to Keras' `quantize`.
         """
-        if not quantize_vision:
-            if filters is not None:
-                raise InputError(
-                    "Give either `filters` or `quantize_vision=False` (the "
-                    "decoder's projections), not both."
-                )
-            filters = _decoder_projection
+        if filters is None:
+            # The projections alone: Keras would also offer every norm,
+            # embedding and convolution, each refusing with a warning.
+            filters = functools.partial(
+                projections.quantizes_layer, quantize_vision=quantize_vision
+            )
+        elif not quantize_vision:
+            raise InputError(
+                "Give either `filters` or `quantize_vision=False` (the "
+                "decoder's projections), not both."
+            )
         super().quantize(mode, config=config, filters=filters, **kwargs)
 
     @classmethod
@@ -568,10 +573,6 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             quantize_vision=quantize_vision,
             **overrides,
         )
-
-
-def _decoder_projection(layer):
-    return projections.is_quantized(layer.path or "", quantize_vision=False)
 
 
 _BACKBONE_INPUTS = ("images", "token_ids", "padding_mask", "response_mask")

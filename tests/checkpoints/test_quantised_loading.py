@@ -4,6 +4,7 @@ arrives, so the host never holds the float model (a 10B checkpoint
 quantises on a host with less memory than its bfloat16 size)."""
 
 import gc
+import warnings
 
 import jax
 import numpy as np
@@ -108,3 +109,15 @@ def test_bad_quantisation_requests_are_explained(wide_checkpoint):
     backbone = PaliGemma2Backbone.from_preset(wide_checkpoint, load_weights=False)
     with pytest.raises(InputError, match="not both"):
         backbone.quantize("int8", filters="query", quantize_vision=False)
+
+
+def test_backbone_quantize_takes_the_projections_without_warnings(fixtures_dir):
+    backbone = PaliGemma2Backbone.from_preset(fixtures_dir / "bv_tiny" / "tiny_f32.npz")
+    with warnings.catch_warnings():
+        # Keras' own default offers every layer, and each norm, embedding
+        # and convolution warns that it cannot be quantised.
+        warnings.simplefilter("error", UserWarning)
+        backbone.quantize("int8")
+    modes = {layer.path: layer.quantization_mode for layer in backbone._flatten_layers()}
+    assert modes["vision_encoder/block_0/attention/query"] == "int8"
+    assert modes["image_projection"] == "int8" and modes["decoder_block_0/mlp/gate"] == "int8"
