@@ -74,16 +74,16 @@ def test_lora_transfer_to_a_new_question_shortened():
 
 
 def test_quantised_generate_keeps_the_task_accuracy():
-    # The same 24 held-out scenes, greedy, with int8 kernels everywhere
+    # The same 16 held-out scenes, greedy, with int8 kernels everywhere
     # (Keras' int8 layers quantise their inputs too). On 300 scenes
     # (benchmarks/quantised_accuracy.py) no metric moved by more than 0.004
-    # for this, 0.014 for int4 everywhere; 0.09 is two of 24 scenes'
+    # for this, 0.014 for int4 everywhere; 0.13 is two of 16 scenes'
     # answers flipping. (int4: the QLoRA tests in test_training.py.)
-    scenes = dict(count=24, seed=10_000)
+    scenes = dict(count=16, seed=10_000)
     want = shapes.evaluate(PaliGemma2CausalLM.from_preset("pg2_tiny_shapes"), **scenes)
     lm = PaliGemma2CausalLM.from_preset(
         "pg2_tiny_shapes", quantization="int8", quantize_vision=True
     )
     got = shapes.evaluate(lm, **scenes)
     for metric in MINIMUMS:
-        assert got[metric] == pytest.approx(want[metric], abs=0.09), metric
+        assert got[metric] == pytest.approx(want[metric], abs=0.13), metric

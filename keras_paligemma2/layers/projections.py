@@ -65,7 +65,11 @@ def quantizes_layer(layer, quantize_vision):
 
 
 def check_quantization(mode):
-    """Raises an `InputError` unless `mode` is None, "int8" or "int4"."""
+    """Raises an `InputError` unless `mode` is None, "int8" or "int4".
+
+    Args:
+        mode: the requested quantisation.
+    """
     if mode not in QUANTIZATIONS:
         raise InputError(
             f"quantization must be one of {QUANTIZATIONS} (Keras' int8 or int4 "

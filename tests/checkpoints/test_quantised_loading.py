@@ -9,7 +9,6 @@ import warnings
 import jax
 import numpy as np
 import pytest
-from helpers import bv_tiny_text_logits
 
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
@@ -45,14 +44,16 @@ def _values(model):
     return {v.path: np.asarray(v.value) for v in model.weights}
 
 
-@pytest.mark.parametrize("mode, quantize_vision", [("int8", False), ("int4", True)])
-def test_loading_quantised_equals_quantising_after_loading(
-    wide_checkpoint, fixtures_dir, mode, quantize_vision
-):
-    want = PaliGemma2Backbone.from_preset(wide_checkpoint)
+# Equal variables and quantisation modes: the same model (the forward is
+# deterministic). int8 with the ViT; int4 (slow to quantise eagerly) on the
+# decoder.
+@pytest.mark.parametrize("mode, quantize_vision", [("int8", True), ("int4", False)])
+def test_loading_quantised_equals_quantising_after_loading(fixtures_dir, mode, quantize_vision):
+    checkpoint = fixtures_dir / "bv_tiny" / "tiny_f32.npz"
+    want = PaliGemma2Backbone.from_preset(checkpoint)
     want.quantize(mode, quantize_vision=quantize_vision)
     got = PaliGemma2Backbone.from_preset(
-        wide_checkpoint, quantization=mode, quantize_vision=quantize_vision
+        checkpoint, quantization=mode, quantize_vision=quantize_vision
     )
     want_values, got_values = _values(want), _values(got)
     assert got_values.keys() == want_values.keys()
@@ -60,16 +61,11 @@ def test_loading_quantised_equals_quantising_after_loading(
         assert got_values[path].dtype == value.dtype, path
         np.testing.assert_array_equal(got_values[path], value, err_msg=path)
     modes = {layer.path: layer.quantization_mode for layer in got._flatten_layers()}
-    assert modes[f"decoder_block_{LAYERS - 1}/mlp/down"] == mode
+    assert modes["decoder_block_1/mlp/down"] == mode
     assert modes["decoder_block_0/attention/query"] == mode
     vision = modes["vision_encoder/block_0/attention/query"]
     assert vision == (mode if quantize_vision else None)
     assert modes["image_projection"] == (mode if quantize_vision else None)
-    reference = np.load(fixtures_dir / "bv_tiny" / "reference_outputs.npz")
-    np.testing.assert_array_equal(
-        bv_tiny_text_logits(PaliGemma2CausalLM(got), reference),
-        bv_tiny_text_logits(PaliGemma2CausalLM(want), reference),
-    )
 
 
 def _live_bytes():
