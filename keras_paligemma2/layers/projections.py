@@ -94,6 +94,15 @@ class _KeepsAdapters:
         return super().quantize(mode, type_check=False, config=config)
 
     def save_own_variables(self, store):
+        if self.quantization_mode == "gptq":
+            # Keras 3.15 leaves a GPTQ layer's zero points out when it saves
+            # (it takes them from a LoRA merge, which GPTQ has not) and reads
+            # them back by position: the load fails. Its own order, whole.
+            names = self.variable_serialization_spec["gptq"]
+            names = [name for name in names if name != "bias" or self.bias is not None]
+            for index, name in enumerate(names):
+                store[str(index)] = getattr(self, name)
+            return
         if not self.lora_enabled:
             return super().save_own_variables(store)
         # With `lora_enabled` off, Keras writes the base variables as they
@@ -163,6 +172,68 @@ class EinsumDense(_KeepsAdapters, keras.layers.EinsumDense):
         x = ops.add(x, ops.matmul(down, lora_b) * (self.lora_alpha / self.lora_rank))
         return self._finish(x)
 
+    # GPTQ (Keras' `quantize("gptq")`) stores the kernel as a matrix (rows:
+    # the contracted input features, columns: the rest). Keras guesses which
+    # axes of a 3-D kernel are which from where the largest one is, and
+    # misreads the decoder's query / key / value kernels (N, D, H), D
+    # contracted: here the equation says.
+
+    def gptq_axes(self):
+        """The kernel's axes as GPTQ's matrix takes them: `(rows, columns)`,
+        each a list of axis indices, rows the axes the equation contracts
+        with the input's trailing axes (in their order).
+        """
+        operands, output = self.equation.split("->")
+        source, kernel = operands.split(",")
+        rows = [i for i, c in enumerate(kernel) if c not in output]
+        contracted = "".join(kernel[i] for i in rows)
+        if not source.endswith(contracted):
+            raise NotImplementedError(
+                f"GPTQ needs the contracted axes last in the input, in the kernel's order: "
+                f"{self.equation}."
+            )
+        return rows, [i for i, c in enumerate(kernel) if c in output]
+
+    def gptq_kernel_matrix(self):
+        """The float kernel as GPTQ's (rows, columns) matrix (`gptq_axes`)."""
+        rows, columns = self.gptq_axes()
+        kernel = ops.transpose(base_kernel(self), rows + columns)
+        shape = ops.shape(kernel)
+        return ops.reshape(kernel, (_product(shape[: len(rows)]), _product(shape[len(rows) :])))
+
+    def _gptq_build(self, kernel_shape, config):
+        # Keras builds a 2-D kernel's GPTQ variables as they are: give it the
+        # matrix's shape, and compute with the kernel's axes in matrix order.
+        rows, columns = self.gptq_axes()
+        matrix = (
+            _product(kernel_shape[i] for i in rows),
+            _product(kernel_shape[i] for i in columns),
+        )
+        super()._gptq_build(matrix, config)
+        self.original_kernel_shape = tuple(kernel_shape[i] for i in rows + columns)
+
+    def _gptq_call(self, inputs, training=False):
+        if not self.is_gptq_calibrated:
+            return super()._gptq_call(inputs, training=training)
+        rows, columns = self.gptq_axes()
+        operands, output = self.equation.split("->")
+        source, kernel = operands.split(",")
+        equation = self.equation
+        # Keras' call reshapes the matrix to `original_kernel_shape` (the
+        # axes in matrix order) and contracts it with `self.equation`.
+        self.equation = f"{source},{''.join(kernel[i] for i in rows + columns)}->{output}"
+        try:
+            return super()._gptq_call(inputs, training=training)
+        finally:
+            self.equation = equation
+
+
+def _product(values):
+    result = 1
+    for value in values:
+        result *= int(value)
+    return result
+
 
 @keras.saving.register_keras_serializable(package="keras_paligemma2")
 class Dense(_KeepsAdapters, keras.layers.Dense):
@@ -187,6 +258,10 @@ class Dense(_KeepsAdapters, keras.layers.Dense):
         down = ops.matmul(inputs, lora_a)
         x = ops.add(x, ops.matmul(down, lora_b) * (self.lora_alpha / self.lora_rank))
         return self._finish(x)
+
+    def gptq_kernel_matrix(self):
+        """The float kernel as GPTQ's (rows: inputs, columns: outputs) matrix."""
+        return base_kernel(self)
 
 
 def _adapters_in(layer, dtype):

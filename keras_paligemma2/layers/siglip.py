@@ -216,12 +216,23 @@ class VisionEncoder(keras.layers.Layer):
         Returns:
             (B, P, W) after the final `encoder_norm`.
         """
-        patches = self.patch_embedding(images)
-        x = ops.reshape(patches, (-1, self.num_patches, self.hidden_dim))
-        x = x + ops.cast(self.position_embedding, x.dtype)
+        x = self.embed_patches(images)
         for block in self.blocks:
             x = block(x)
         return self.encoder_norm(x)
+
+    def embed_patches(self, images):
+        """What the first block takes: patch embeddings plus positions.
+
+        Args:
+            images: float (B, S, S, 3) in [-1, 1].
+
+        Returns:
+            (B, P, W).
+        """
+        patches = self.patch_embedding(images)
+        x = ops.reshape(patches, (-1, self.num_patches, self.hidden_dim))
+        return x + ops.cast(self.position_embedding, x.dtype)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_patches, self.hidden_dim)

@@ -19,6 +19,7 @@ from keras_paligemma2.layers.gemma import RMSNorm
 from keras_paligemma2.layers.gemma import TokenEmbedding
 from keras_paligemma2.layers.remat import remat_policy
 from keras_paligemma2.layers.siglip import VisionEncoder
+from keras_paligemma2.models import calibration
 from keras_paligemma2.models.layouts import ShapeRuleLayoutMap
 from keras_paligemma2.models.layouts import check_axes
 from keras_paligemma2.models.layouts import layout_map_for
@@ -26,6 +27,7 @@ from keras_paligemma2.training import lora
 from keras_paligemma2.utils.errors import InputError
 from keras_paligemma2.utils.files import DEFAULT_MAX_SHARD_SIZE_GB
 from keras_paligemma2.utils.files import atomic_directory
+from keras_paligemma2.utils.keras_internals import should_quantize
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma2")
@@ -210,16 +212,11 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
         response_mask = keras.Input(shape=(None,), dtype="int32", name="response_mask")
-        image_tokens = self.embed_images(images)
-        text_tokens = self.token_embedding(token_ids)
-        x = ops.concatenate([ops.cast(image_tokens, text_tokens.dtype), text_tokens], axis=1)
-        valid, blocks, positions = self._sequence_layout(padding_mask, response_mask)
-        global_mask = make_attention_mask(valid, blocks)
-        local_mask = global_mask
-        if sliding_window_size is not None:
-            local_mask = make_attention_mask(valid, blocks, sliding_window=sliding_window_size)
-        for i, block in enumerate(self.decoder_blocks):
-            mask = local_mask if self.is_local_layer(i, sliding_window_size) else global_mask
+        self.sliding_window_size = sliding_window_size
+        x, positions, masks, _ = self.decoder_inputs(
+            self.embed_images(images), token_ids, padding_mask, response_mask
+        )
+        for block, mask in zip(self.decoder_blocks, masks):
             x = block(x, positions, mask)
         x = self.final_norm(x)
         super().__init__(
@@ -256,7 +253,6 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         self.attention_logit_soft_cap = attention_logit_soft_cap
         self.final_logit_soft_cap = final_logit_soft_cap
         self.final_logit_soft_cap_scope = final_logit_soft_cap_scope
-        self.sliding_window_size = sliding_window_size
         self.layer_norm_epsilon = layer_norm_epsilon
         self.vit_layer_norm_epsilon = vit_layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
@@ -294,15 +290,36 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         default. Keras' string `filters` match layer *names*, which the ViT
         and the decoder share (`query`, ...), so they cannot say this.
 
+        "gptq" runs Keras' GPTQ solver on image + text calibration batches
+        (`calibration.gptq_calibrate`): `config` is a
+        `keras.quantizers.GPTQConfig` whose `dataset` is a list of dicts of
+        backbone inputs (`images`, `token_ids`, `padding_mask`,
+        `response_mask`; `PaliGemma2CausalLM.quantize` makes them from
+        prompts and responses); its `tokenizer` and `sequence_length` are
+        not used, and at most `num_samples` examples are. Keras' AWQ is not
+        offered: its 3-D kernel reading does not fit the decoder's
+        projections.
+
         Args:
-            mode: str, Keras' mode ("int8", "int4", "float8", "gptq", "awq").
-            config: a Keras `QuantizationConfig` or None.
+            mode: str, Keras' mode ("int8", "int4", "float8", "gptq"); may
+                be None with a `config`.
+            config: a Keras `QuantizationConfig` or None; required for "gptq".
             filters: Keras' filters (regex, list of them, or a callable on a
                 layer); only with `quantize_vision=True`.
             quantize_vision: bool (default True: every projection, as Keras
                 quantises them); False: the decoder's only.
             **kwargs: passed to Keras' `quantize`.
+
+        Example:
+        ```python
+        backbone.quantize(
+            "gptq",
+            config=keras.quantizers.GPTQConfig(dataset=batches, tokenizer=None),
+            quantize_vision=False,
+        )
+        ```
         """
+        mode = mode or getattr(config, "mode", None)
         if filters is None:
             # The projections alone: Keras would also offer every norm,
             # embedding and convolution, each refusing with a warning.
@@ -314,7 +331,21 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
                 "Give either `filters` or `quantize_vision=False` (the "
                 "decoder's projections), not both."
             )
-        super().quantize(mode, config=config, filters=filters, **kwargs)
+        if mode == "awq":
+            raise InputError(
+                "quantize(\"awq\") is not offered: Keras' AWQ misreads the decoder's "
+                '(heads, width, head_dim) kernels. Use "gptq" (calibrated) or "int4".'
+            )
+        if mode != "gptq":
+            return super().quantize(mode, config=config, filters=filters, **kwargs)
+        batches = _calibration_batches(config)
+        for layer in self._flatten_layers():
+            if not list(layer._flatten_layers(include_self=False)) and should_quantize(
+                layer, filters
+            ):
+                layer.quantize("gptq", config=config)
+        calibration.gptq_calibrate(self, batches, config)
+        self.train_function = self.test_function = self.predict_function = None
 
     @classmethod
     def get_layout_map(
@@ -442,6 +473,35 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         flat = ops.reshape(images, (-1, side, side, 3))
         tokens = self.image_projection(self.vision_encoder(flat))
         return ops.reshape(tokens, (-1, self.num_image_tokens, self.image_projection.units))
+
+    def decoder_inputs(self, image_tokens, token_ids, padding_mask, response_mask):
+        """What the first decoder block takes: image + text tokens, and
+        each block's positions and attention mask.
+
+        Args:
+            image_tokens: (B, num_image_tokens, hidden_dim), `embed_images`'.
+            token_ids: int (B, T) text tokens.
+            padding_mask: int (B, T), 1 for real text tokens.
+            response_mask: int (B, T), 1 for response (causal) tokens.
+
+        Returns:
+            `(x, positions, masks, valid)`: x (B, num_image_tokens + T,
+            hidden_dim), positions int (B, num_image_tokens + T), one bool
+            mask per decoder block (B, T', T'), valid int (B, T'), 1 for
+            real tokens.
+        """
+        text_tokens = self.token_embedding(token_ids)
+        x = ops.concatenate([ops.cast(image_tokens, text_tokens.dtype), text_tokens], axis=1)
+        valid, blocks, positions = self._sequence_layout(padding_mask, response_mask)
+        global_mask = make_attention_mask(valid, blocks)
+        local_mask = global_mask
+        if self.sliding_window_size is not None:
+            local_mask = make_attention_mask(valid, blocks, sliding_window=self.sliding_window_size)
+        masks = [
+            local_mask if self.is_local_layer(i, self.sliding_window_size) else global_mask
+            for i in range(len(self.decoder_blocks))
+        ]
+        return x, positions, masks, valid
 
     def _sequence_layout(self, padding_mask, response_mask):
         """Validity, prefix-LM block numbers and positions over image + text."""
@@ -576,6 +636,40 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
 
 
 _BACKBONE_INPUTS = ("images", "token_ids", "padding_mask", "response_mask")
+
+
+def _calibration_batches(config):
+    """GPTQ's calibration batches: `config.dataset`, checked, cut to
+    `config.num_samples` examples."""
+    if not isinstance(config, keras.quantizers.GPTQConfig) or config.dataset is None:
+        raise InputError(
+            'quantize("gptq") needs config=keras.quantizers.GPTQConfig(dataset=batches, '
+            "tokenizer=None), batches a list of dicts of backbone inputs (or call "
+            "PaliGemma2CausalLM.quantize with raw images, prompts and responses)."
+        )
+    if config.group_size == -1:
+        raise InputError(
+            "GPTQConfig(group_size=-1) is not supported: Keras' GPTQ then gives a kernel "
+            "with more than 128 inputs one scale per 128 columns, more than its layer "
+            "holds. Give a group size, e.g. 128 (Keras' default)."
+        )
+    batches, left = [], config.num_samples
+    for batch in config.dataset:
+        if not isinstance(batch, dict) or set(calibration.BATCH_KEYS) - set(batch):
+            raise InputError(
+                f"Each GPTQ calibration batch must be a dict with {calibration.BATCH_KEYS}; "
+                f"got {type(batch).__name__}"
+                + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
+                + ". PaliGemma2CausalLM.quantize preprocesses raw examples."
+            )
+        count = min(left, len(batch["token_ids"]))
+        batches.append({key: batch[key][:count] for key in calibration.BATCH_KEYS})
+        left -= count
+        if left == 0:
+            break
+    if not batches:
+        raise InputError("The GPTQ calibration dataset is empty.")
+    return batches
 
 
 def validate_backbone_inputs(inputs, image_size, num_images=1):

@@ -1,5 +1,6 @@
 """`PaliGemma2CausalLM`: the backbone plus tied logits for the text positions."""
 
+import copy
 import inspect
 import sys
 import warnings
@@ -941,6 +942,63 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         """
 
         lora.load_lora_weights(self.backbone, path)
+
+    def quantize(self, mode=None, config=None, filters=None, quantize_vision=True, **kwargs):
+        """The backbone's `quantize` (every kernel the task has is the
+        backbone's), with GPTQ calibrated on raw examples.
+
+        For "gptq", `config.dataset` may hold batches as `fit` and
+        `generate` take them: dicts of `images` and `prompts`, with
+        `responses` (the training format; calibrates on the answers too)
+        or without; the preprocessor makes the backbone inputs.
+
+        Args:
+            mode: str, "int8", "int4", "float8" or "gptq" (Keras' modes).
+            config: a Keras `QuantizationConfig` or None; for "gptq" a
+                `keras.quantizers.GPTQConfig(dataset=batches, tokenizer=None)`.
+            filters: Keras' filters (see `PaliGemma2Backbone.quantize`).
+            quantize_vision: bool (default True); False: the decoder's
+                projections only.
+            **kwargs: passed to the backbone's `quantize`.
+
+        Example:
+        ```python
+        import keras
+        from keras_paligemma2.apps import shapes
+
+        lm = PaliGemma2CausalLM.from_preset("pg2_tiny_shapes")
+        examples = shapes.training_examples(128, seed=1)
+        batches = [
+            {key: examples[key][i : i + 32] for key in ("images", "prompts", "responses")}
+            for i in range(0, 128, 32)
+        ]
+        lm.quantize(
+            "gptq",
+            config=keras.quantizers.GPTQConfig(dataset=batches, tokenizer=None, group_size=32),
+        )
+        ```
+        """
+        if (mode or getattr(config, "mode", None)) == "gptq" and config is not None:
+            config = copy.copy(config)
+            config.dataset = [self._calibration_inputs(batch) for batch in config.dataset or []]
+        self.backbone.quantize(
+            mode, config=config, filters=filters, quantize_vision=quantize_vision, **kwargs
+        )
+        self.train_function = self.test_function = self.predict_function = None
+
+    def _calibration_inputs(self, batch):
+        """Backbone inputs for one GPTQ calibration batch (raw or already
+        backbone inputs)."""
+        if not isinstance(batch, dict) or "token_ids" in batch:
+            return batch
+        if self.preprocessor is None:
+            raise InputError(
+                "Raw GPTQ calibration batches need the task's preprocessor; this task has "
+                "none: give dicts of backbone inputs."
+            )
+        if "responses" in batch:
+            return self.preprocessor(batch)[0]
+        return self.preprocessor.generate_preprocess(batch)
 
     def set_trainable(self, recipe):
         """Freezing recipe for full fine-tuning: "attention_only" (big_vision's

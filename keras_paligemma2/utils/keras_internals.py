@@ -5,10 +5,20 @@ in the package reaches past their public API. Each function says what it
 relies on and why the public API does not do it.
 """
 
+import contextlib
 import sys
+import types
 
 import keras_hub
+from keras import ops
 from keras.src.backend.common import global_state
+from keras.src.quantizers import gptq as keras_gptq
+from keras.src.quantizers.gptq import GPTQ
+from keras.src.quantizers.gptq import _stable_permutation
+from keras.src.quantizers.quantizers import compute_quantization_parameters
+from keras.src.quantizers.quantizers import dequantize_with_zero_point
+from keras.src.quantizers.quantizers import quantize_with_zero_point
+from keras.src.quantizers.utils import should_quantize_layer
 from keras_hub.src.utils import preset_utils
 
 
@@ -230,3 +240,76 @@ def optimizer_slot(optimizer, reference, name, dtype):
         name=f"{reference.path.replace('/', '_')}_{name}",
         layout=getattr(reference, "_layout", None),
     )
+
+
+def gptq_solver(layer, config, kernel_matrix):
+    """Keras' GPTQ solver (`keras.src.quantizers.gptq.GPTQ`, not public)
+    for a layer put in "gptq" mode, reading the kernel as `kernel_matrix`
+    (rows: contracted input features): for a 3-D kernel the solver guesses
+    the layout from the largest axis (see `projections.EinsumDense`).
+
+    Args:
+        layer: a Keras `Dense` / `EinsumDense` after `quantize("gptq")`.
+        config: `keras.quantizers.GPTQConfig`.
+        kernel_matrix: the float kernel as (rows, columns).
+
+    Returns:
+        The solver: `update_hessian_with_batch(x (n, rows))`, then
+        `quantize_and_correct_layer()` writes the layer's GPTQ variables.
+    """
+    solver = GPTQ(layer, config)
+    solver.rows, solver.columns = (int(n) for n in kernel_matrix.shape)
+    solver.layer = types.SimpleNamespace(kernel=kernel_matrix)
+    solver.hessian = ops.zeros((solver.rows, solver.rows), "float32")
+    return solver
+
+
+def should_quantize(layer, filters):
+    """Keras' reading of `Model.quantize`'s `filters` for one layer
+    (`keras.src.quantizers.utils.should_quantize_layer`): a regex on the
+    layer's name, a list of them, a callable, or None (every layer).
+
+    Args:
+        layer: a Keras layer.
+        filters: as `Model.quantize` takes them.
+    """
+    return should_quantize_layer(layer, filters)
+
+
+# Keras' GPTQ arithmetic, for `calibration.gptq_matrix` to compute the same
+# values: the zero-point quantiser and its inverse, the stable order of
+# activation-order GPTQ; the scale and zero its quantiser's `find_params`
+# computes.
+gptq_scale_and_zero = compute_quantization_parameters
+gptq_quantize_column = quantize_with_zero_point
+gptq_dequantize_column = dequantize_with_zero_point
+gptq_column_order = _stable_permutation
+
+
+@contextlib.contextmanager
+def gptq_column_solver(function):
+    """While open, Keras' `GPTQ.quantize_and_correct_layer` (its Hessian
+    damping, inverse, int4 packing and variable writes) solves the columns
+    with `function` instead of Keras' `gptq_quantize_matrix` (same
+    signature), which it looks up by module name.
+
+    Args:
+        function: a drop-in for `keras.src.quantizers.gptq.gptq_quantize_matrix`.
+    """
+    original = keras_gptq.gptq_quantize_matrix
+    keras_gptq.gptq_quantize_matrix = function
+    try:
+        yield
+    finally:
+        keras_gptq.gptq_quantize_matrix = original
+
+
+def keras_gptq_matrix(*args, **kwargs):
+    """Keras' own `gptq_quantize_matrix` (the reference `gptq_matrix` is
+    tested against).
+
+    Args:
+        *args: its positional arguments.
+        **kwargs: its keyword arguments.
+    """
+    return keras_gptq.gptq_quantize_matrix(*args, **kwargs)
