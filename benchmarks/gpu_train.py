@@ -1,12 +1,17 @@
 """LoRA training step of a real-sized model on one accelerator: examples/s and MFU.
 
     python -m benchmarks.gpu_train [--preset pg2_3b_224] [--batches 16] [--remat]
+        [--loss-chunk-size 128] [--quantization int4]
 
 (`benchmarks/gpu.sh train` runs it on the lent GPU machine.) Builds
 `PaliGemma2CausalLM` with the preset's shapes and random bfloat16 weights,
 enables LoRA (rank 8, decoder attention + MLP: the default targets), and
 times `train_on_batch` on random images and 64 text tokens (32 prompt, 32
-response) after two warm-up steps (the first compiles).
+response) after two warm-up steps (the first compiles). `--quantization`
+builds the decoder's kernels straight in Keras' int8 / int4 form (a
+`DTypePolicyMap` by layer path, as a saved quantised model is rebuilt), with
+random integer values: QLoRA's shapes without a float model to quantise
+(Keras quantises in numpy on the host: minutes for 10B).
 
 Model FLOPs per example, counted from the shapes (matmuls and attention;
 norms and elementwise work left out): the frozen ViT and projection run
@@ -25,12 +30,15 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.gpu_decode import benchmark_config  # noqa: E402
 from keras_paligemma2 import PaliGemma2Backbone  # noqa: E402
 from keras_paligemma2 import PaliGemma2CausalLM  # noqa: E402
+from keras_paligemma2.layers import projections  # noqa: E402
 
 PROMPT, RESPONSE = 32, 32
 
@@ -53,6 +61,28 @@ def step_flops(config):
     return lora_step, six_n
 
 
+def quantised_backbone(config, mode):
+    """The backbone with its decoder kernels built as Keras' `mode` layers
+    (never a float kernel), given random integer values on the device."""
+    with keras.StatelessScope(initialize_variables=False):
+        probe = PaliGemma2Backbone(**config, dtype="bfloat16")
+    policy = "int8_from_bfloat16" if mode == "int8" else "int4/128_from_bfloat16"
+    policies = keras.dtype_policies.DTypePolicyMap(default_policy="bfloat16")
+    for layer in probe._flatten_layers():
+        if projections.quantizes_layer(layer, quantize_vision=False):
+            policies[layer.path] = keras.dtype_policies.get(policy)
+    del probe
+    backbone = PaliGemma2Backbone(**config, dtype=policies)
+    key = jax.random.key(0)
+    for variable in backbone.weights:
+        if variable.dtype == "int8":  # int8 values, or two int4 values a byte
+            key, draw = jax.random.split(key)
+            variable.assign(jax.random.randint(draw, variable.shape, -128, 128, jnp.int8))
+        elif variable.path.endswith("kernel_scale"):
+            variable.assign(jnp.full(variable.shape, 0.01, variable.dtype))
+    return backbone
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="pg2_3b_224")
@@ -61,18 +91,30 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--loss-chunk-size", type=int, default=None)
+    parser.add_argument("--quantization", choices=["int8", "int4"], default=None)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     args = parser.parse_args()
     config, device = benchmark_config(args.preset, args.tiny)
     start = time.perf_counter()
-    lm = PaliGemma2CausalLM(PaliGemma2Backbone(**config, dtype="bfloat16"))
+    if args.quantization:
+        backbone = quantised_backbone(config, args.quantization)
+    else:
+        backbone = PaliGemma2Backbone(**config, dtype="bfloat16")
+    lm = PaliGemma2CausalLM(backbone)
     lm.enable_lora(args.rank)
-    lm.compile(optimizer=keras.optimizers.Adam(1e-4), remat=args.remat)
+    lm.compile(
+        optimizer=keras.optimizers.Adam(1e-4),
+        remat=args.remat,
+        loss_chunk_size=args.loss_chunk_size,
+    )
     lora = sum(int(np.prod(v.shape)) for v in lm.trainable_variables)
+    weight_bytes = sum(v.value.nbytes for v in lm.backbone.weights)
     print(
-        f"{args.preset}{' (tiny)' if args.tiny else ''} shapes, {lm.backbone.count_params() / 1e9:.3f} B "
-        f"params (bfloat16), LoRA rank {args.rank}: {lora / 1e6:.2f} M trainable (float32), "
-        f"remat {args.remat}, built in {time.perf_counter() - start:.1f} s",
+        f"{args.preset}{' (tiny)' if args.tiny else ''} shapes, {weight_bytes / 2**30:.2f} GiB of "
+        f"weights ({args.quantization or 'bfloat16'} decoder), LoRA rank {args.rank}: "
+        f"{lora / 1e6:.2f} M trainable (float32), remat {args.remat}, loss chunk "
+        f"{args.loss_chunk_size}, built in {time.perf_counter() - start:.1f} s",
         flush=True,
     )
     flops, six_n = step_flops(config)
