@@ -8,6 +8,7 @@ from helpers import assert_close
 
 from keras_paligemma2 import MaskDecoder
 from keras_paligemma2.apps import evaluation
+from keras_paligemma2.utils.errors import InputError
 
 
 def test_levenshtein_classic_examples():
@@ -55,6 +56,34 @@ def test_box_accuracy_needs_iou_half_and_the_label():
     assert evaluation.box_accuracy("<loc0000><loc0000><loc0205><loc0512> cat", [want]) == 0.0
     assert evaluation.box_accuracy("<loc0000><loc0000><loc0512><loc0512> dog", [want]) == 0.0
     assert evaluation.box_accuracy("", [""]) == 1.0  # nothing to find, nothing found
+
+
+def _located(y_min, x_min, y_max, x_max, label):
+    return (
+        "".join(f"<loc{round(v * 1023):04d}>" for v in (y_min, x_min, y_max, x_max)) + f" {label}"
+    )
+
+
+def test_coco_detection_is_pycocotools_on_our_boxes():
+    # A wide, offset true box and a detection covering 0.62 of it: matched at
+    # IoU 0.50, 0.55, 0.60 of COCO's ten thresholds. (Boxes handed over in
+    # the wrong order or as corners for x, y, w, h give another IoU: 0.70.)
+    truth = [[_located(0.3, 0.2, 0.5, 0.9, "cat")]]
+    found = [_located(0.3, 0.2, 0.5, 0.634, "cat")]
+    got = evaluation.coco_detection(found, truth)
+    assert got == pytest.approx({"mAP": 0.3, "AP50": 1.0, "AP75": 0.0}, abs=1e-6)
+    assert evaluation.score("coco_ap50", found, truth) == pytest.approx(1.0)
+    assert evaluation.score("coco_map", truth[0], truth) == pytest.approx(1.0)
+    # Two images, each category one true box: a "dog" where a cat is (a false
+    # dog, ranked first: the scores tie and COCOeval keeps data-set order)
+    # and a right dog: dog AP 0.5, cat AP 0, mean 0.25 at every threshold.
+    truth = [[_located(0.1, 0.1, 0.6, 0.6, "cat")], [_located(0.2, 0.3, 0.9, 0.8, "dog")]]
+    found = [_located(0.1, 0.1, 0.6, 0.6, "dog"), truth[1][0]]
+    got = evaluation.coco_detection(found, truth)
+    assert got == pytest.approx({"mAP": 0.25, "AP50": 0.25, "AP75": 0.25}, abs=1e-6)
+    assert evaluation.coco_detection(["", ""], truth)["mAP"] == 0.0
+    with pytest.raises(InputError, match="true box"):
+        evaluation.coco_detection(["", ""], [[""], []])
 
 
 def test_score_averages_and_refuses_unknown_metrics():

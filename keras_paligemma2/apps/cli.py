@@ -652,6 +652,8 @@ def build_parser():
             "anls",
             "cider",
             "box_iou",
+            "coco_map",
+            "coco_ap50",
             "mask_miou",
         ],
         help="repeat for several (default exact_match); mask_miou needs --mask-decoder and a 'mask' image per line",

@@ -29,12 +29,17 @@ them and `score(metric, predictions, answers)` averages over a data set.
       answer boxes matched by a predicted box of the same label at IoU >= 0.5
       (RefCOCO's accuracy when each example has one box); answers are in the
       same `<loc>` format.
+  coco_map, coco_ap50: COCO's detection AP (IoU 0.50:0.95, and 0.50) over the
+      whole data set, computed by pycocotools' `COCOeval` (`coco_detection`);
+      detections scored 1.0 in data-set order (the text carries no confidence).
 
 Referring segmentation (RefCOCO's mIoU) needs the true masks and the mask
 decoder: `mask_ious` scores a batch as big_vision's segmentation evaluator.
 """
 
 import collections
+import contextlib
+import io
 import re
 import shutil
 
@@ -478,8 +483,94 @@ def mask_ious(predictions, true_masks, mask_decoder):
     return ious
 
 
+def coco_detection(predictions, answers):
+    """COCO's detection average precision over a data set, computed by
+    pycocotools' own `COCOeval` (the COCO evaluation code).
+
+    Each example is one image: its true objects are its first answer's
+    `<loc>` boxes and labels, its detections the prediction's. PaliGemma's
+    text carries no confidence, so every detection scores 1.0 and COCOeval
+    ranks them in data-set order (its sorts are stable). Boxes stay in the
+    `<loc>` grid's [0, 1] units: IoU does not depend on them (COCO's area
+    ranges do, so only the all-areas figures are returned). Labels no true
+    object has are not a COCO category, and COCOeval leaves them out.
+
+    Args:
+        predictions: list of str, each example's generated detection text.
+        answers: list of lists of str, each example's answers (the first in
+            the same `<loc>` format).
+
+    Returns:
+        dict of floats: "mAP" (AP over IoU 0.50:0.05:0.95), "AP50", "AP75",
+        COCOeval's first three statistics (100 detections per image).
+    """
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as error:
+        raise InputError(
+            "COCO detection metrics need pycocotools: pip install pycocotools"
+        ) from error
+    truth = [parse_detections(a[0]) if a else [] for a in answers]
+    found = [parse_detections(p) for p in predictions]
+    labels = sorted({o["label"] for objects in truth for o in objects})
+    if not labels:
+        raise InputError("No example has a true box: COCO detection metrics need some.")
+    category = {label: i + 1 for i, label in enumerate(labels)}
+
+    def xywh(box):
+        y_min, x_min, y_max, x_max = box
+        return [x_min, y_min, x_max - x_min, y_max - y_min]
+
+    images = [{"id": i + 1, "height": 1, "width": 1} for i in range(len(answers))]
+    annotations = [
+        {
+            "id": n,
+            "image_id": i + 1,
+            "category_id": category[o["label"]],
+            "bbox": xywh(o["box"]),
+            "area": xywh(o["box"])[2] * xywh(o["box"])[3],
+            "iscrowd": 0,
+        }
+        for n, (i, o) in enumerate(
+            ((i, o) for i, objects in enumerate(truth) for o in objects), start=1
+        )
+    ]
+    detections = [
+        {
+            "image_id": i + 1,
+            "category_id": category[o["label"]],
+            "bbox": xywh(o["box"]),
+            "score": 1.0,
+        }
+        for i, objects in enumerate(found)
+        for o in objects
+        if o["label"] in category
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        ground = COCO()
+        ground.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": i, "name": label} for label, i in category.items()],
+        }
+        ground.createIndex()
+        if not detections:  # loadRes refuses an empty list; AP is 0
+            return {"mAP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        results = ground.loadRes(detections)
+        evaluator = COCOeval(ground, results, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(evaluator.stats[i]) for i, name in enumerate(("mAP", "AP50", "AP75"))}
+
+
 # Scored over the whole data set at once, not averaged per example.
-CORPUS_METRICS = {"cider": lambda predictions, answers: cider(predictions, answers)[0]}
+CORPUS_METRICS = {
+    "cider": lambda predictions, answers: cider(predictions, answers)[0],
+    "coco_map": lambda predictions, answers: coco_detection(predictions, answers)["mAP"],
+    "coco_ap50": lambda predictions, answers: coco_detection(predictions, answers)["AP50"],
+}
 
 METRICS = {
     "exact_match": exact_match,
