@@ -3,6 +3,7 @@
     generate   answer prompts about images; JSON out; annotated pictures
     finetune   LoRA or full fine-tuning on a JSONL data set, resumable
     evaluate   score a model on a JSONL data set
+    predict    every request of a JSONL file or an image glob, to a resumable JSONL
     convert    any checkpoint format to a Keras preset directory
     plan       per-device memory of a job on every mesh of N devices
 
@@ -21,6 +22,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import traceback
 
 
@@ -116,6 +118,7 @@ class _progress:
 
     def __init__(self, total, description, quiet=False):
         self.total, self.description, self.done = total, description, 0
+        self.start = time.perf_counter()
         self.bar = None
         self.quiet = quiet
         self.next_report = 0
@@ -136,7 +139,11 @@ class _progress:
         if self.bar is not None:
             self.bar.update(count)
         elif not self.quiet and (self.done >= self.next_report or self.done == self.total):
-            print(f"{self.description}: {self.done}/{self.total} examples", file=sys.stderr)
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            print(
+                f"{self.description}: {self.done}/{self.total} examples, {rate:.1f} examples/s",
+                file=sys.stderr,
+            )
             self.next_report = self.done + max(self.total // 10, 1)
 
 
@@ -364,6 +371,33 @@ def _evaluate(args):
     else:
         for metric, value in results.items():
             print(f"{metric}: {value:.4f} on {len(items)} examples")
+
+
+# === predict ===
+
+
+def _predict(args):
+    from keras_paligemma2.apps import prediction
+
+    requests = prediction.read_requests(args.data, args.images, args.prompt)
+    if os.path.dirname(os.path.abspath(args.output)):
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    done = prediction.written_ids(args.output)
+    left = sum(r["id"] not in done for r in requests)
+    lm = _load(args) if left else None
+    with _progress(left, "predicting") as bar:
+        summary = (
+            prediction.predict(
+                lm, requests, args.output, args.batch_size, on_batch=bar.update, **_sampling(args)
+            )
+            if left
+            else {"predicted": 0, "skipped": len(requests), "seconds": 0.0}
+        )
+    rate = summary["predicted"] / summary["seconds"] if summary["seconds"] else 0.0
+    print(
+        f"{summary['predicted']} predicted ({rate:.1f} examples/s), {summary['skipped']} already "
+        f"in {args.output}"
+    )
 
 
 def _true_masks(args, data):
@@ -666,6 +700,25 @@ def build_parser():
     evaluate.add_argument("--predictions", help="also write every prediction to this JSON file")
     evaluate.add_argument("--json", action="store_true", help="print the scores as JSON")
     evaluate.set_defaults(run=_evaluate)
+
+    predict = commands.add_parser(
+        "predict",
+        help="predict over a JSONL file or an image glob, resumable",
+        description='Generate for every {"id", "image", "prefix"} line of a JSONL file (or every file '
+        "of --images with one --prompt), in batches of similar prompt length, appending each "
+        "batch's results to --output (flushed); a rerun skips ids already there. Detection and "
+        "segmentation answers come with pixel boxes and labels.",
+    )
+    _add_model_arguments(predict)
+    predict.add_argument("--data", help="JSONL file of requests")
+    predict.add_argument("--images", help="image glob, e.g. 'photos/*.jpg' (with --prompt)")
+    predict.add_argument("--prompt", help="the prompt for every --images file")
+    predict.add_argument("--output", required=True, help="JSONL file of results (appended to)")
+    predict.add_argument(
+        "--batch-size", type=int, default=16, help="examples per generate call (default 16)"
+    )
+    _add_sampling_arguments(predict)
+    predict.set_defaults(run=_predict)
 
     convert = commands.add_parser(
         "convert",

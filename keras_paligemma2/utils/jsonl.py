@@ -29,9 +29,10 @@ def read_jsonl(path, need_suffix=True):
 
     Returns:
         A dict of lists: `images` (absolute paths), `prompts`, `responses`
-        (the suffix, or "" when absent), `answers` (lists of strings) and
+        (the suffix, or "" when absent), `answers` (lists of strings),
         `masks` (absolute path of the line's optional "mask" image, whose
-        non-zero pixels are the object, for segmentation scores; else None).
+        non-zero pixels are the object, for segmentation scores; else None)
+        and `ids` (the line's optional "id", else None).
 
     Raises:
         DataError naming the first bad line: not JSON, not an object, a
@@ -41,7 +42,7 @@ def read_jsonl(path, need_suffix=True):
     if not os.path.isfile(path):
         raise DataError(f"No data set file {path!r}.")
     base = os.path.dirname(os.path.abspath(path))
-    data = {"images": [], "prompts": [], "responses": [], "answers": [], "masks": []}
+    data = {"images": [], "prompts": [], "responses": [], "answers": [], "masks": [], "ids": []}
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -76,6 +77,7 @@ def read_jsonl(path, need_suffix=True):
                         f"{where}: no mask file {example['mask']!r} (looked in {base})."
                     )
             data["masks"].append(mask)
+            data["ids"].append(example.get("id"))
             data["images"].append(image)
             data["prompts"].append(example["prefix"])
             data["responses"].append(example.get("suffix", ""))

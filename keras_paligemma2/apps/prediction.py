@@ -1,0 +1,180 @@
+"""Prediction over a data set: the job after fine-tuning.
+
+Requests are `{"id", "image", "prefix"}` (JSON Lines, or every file of an
+image glob with one prompt). They are decoded in batches of similar prompt
+length (`generate` pads a batch to its longest prompt), in an order fixed by
+the requests alone, and each batch's results are appended to the output
+JSON Lines file in one write, flushed and synced before the next batch
+starts. A run that stops (a crash, a pre-empted machine, Ctrl-C) loses at
+most the batch in flight: run it again with the same output and it skips
+the ids already written (a line cut short by the stop is dropped first).
+Detection and segmentation answers are parsed into pixel boxes and labels.
+
+    {"id": "0001", "image": "img/0001.png", "prefix": "detect cat ; dog"}
+"""
+
+import glob
+import json
+import os
+import time
+
+from keras_paligemma2.models.task_outputs import parse_detections
+from keras_paligemma2.preprocessing.image_converter import to_rgb_array
+from keras_paligemma2.utils.errors import InputError
+from keras_paligemma2.utils.jsonl import DataError
+from keras_paligemma2.utils.jsonl import read_jsonl
+
+
+def read_requests(path=None, image_glob=None, prompt=None):
+    """The prediction requests of a JSON Lines file or of an image glob.
+
+    Args:
+        path: str or path-like, a `.jsonl` file of `{"id", "image",
+            "prefix"}` lines (ids: strings or integers, each once); or None.
+        image_glob: str, e.g. "photos/*.jpg", with `prompt`; each file one
+            request, its path the id, in sorted order; or None.
+        prompt: str, the prompt for every file of `image_glob`.
+
+    Returns:
+        A list of dicts `{"id", "image" (absolute path), "prefix"}`.
+    """
+    if (path is None) == (image_glob is None):
+        raise InputError("Give a JSONL file of requests or an image glob with a prompt, not both.")
+    if image_glob is not None:
+        if not prompt:
+            raise InputError("An image glob needs the prompt to ask about every image.")
+        files = sorted(f for f in glob.glob(image_glob, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise InputError(f"No image files match {image_glob!r}.")
+        return [{"id": f, "image": os.path.abspath(f), "prefix": prompt} for f in files]
+    data = read_jsonl(path, need_suffix=False)
+    seen = set()
+    for number, request_id in enumerate(data["ids"], 1):
+        if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+            raise DataError(
+                f"{path}: example {number} has no 'id' (a string or an integer): prediction "
+                "needs one per line, to write each result once and resume."
+            )
+        if request_id in seen:
+            raise DataError(f"{path}: id {request_id!r} appears twice.")
+        seen.add(request_id)
+    return [
+        {"id": i, "image": image, "prefix": prefix}
+        for i, image, prefix in zip(data["ids"], data["images"], data["prompts"])
+    ]
+
+
+def written_ids(output):
+    """The ids already in `output`; a last line cut short (a run stopped in
+    the middle of a write) is removed from the file first.
+
+    Args:
+        output: str or path-like, the results file; it may not exist yet.
+    """
+    output = os.fspath(output)
+    if not os.path.exists(output):
+        return set()
+    with open(output, "rb") as f:
+        content = f.read()
+    complete = content[: content.rfind(b"\n") + 1]
+    if len(complete) != len(content):
+        with open(output, "r+b") as f:
+            f.truncate(len(complete))
+    ids = set()
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                ids.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(
+                    f"{output} line {number} is not a result this command wrote; give a new "
+                    "output file or remove that line."
+                ) from None
+    return ids
+
+
+def batches_by_length(requests, batch_size, prompt_length):
+    """Requests in batches of up to `batch_size` of similar prompt length:
+    ordered by length, then by their order in `requests` (the same order
+    every run).
+
+    Args:
+        requests: list of request dicts.
+        batch_size: int >= 1.
+        prompt_length: function from a prompt to its token count.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1; got {batch_size}.")
+    order = sorted(range(len(requests)), key=lambda i: (prompt_length(requests[i]["prefix"]), i))
+    ordered = [requests[i] for i in order]
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def predict(lm, requests, output, batch_size=16, on_batch=None, **generate_kwargs):
+    """Runs `lm.generate` over `requests`, appending results to `output`.
+
+    Each result line: `id`, `image`, `prefix`, `prediction` (the reply),
+    and for "detect" / "segment" prompts `objects`: `box` (y_min, x_min,
+    y_max, x_max in the image's pixels) and `label` (plus `codes`, the 16
+    `<seg>` ids, for segmentation).
+
+    Args:
+        lm: a `PaliGemma2CausalLM` with its preprocessor.
+        requests: list of `{"id", "image", "prefix"}` (`read_requests`).
+        output: str or path-like, the JSON Lines file to append to; ids
+            already in it are skipped.
+        batch_size: int, requests per `generate` call (default 16).
+        on_batch: None, or a function called with each batch's size after
+            its results are written (a progress bar).
+        **generate_kwargs: passed to `generate` (`max_new_tokens`,
+            `temperature`, ...).
+
+    Returns:
+        dict: `predicted` and `skipped` counts, `seconds`, `examples_per_second`.
+    """
+    done = written_ids(output)
+    pending = [r for r in requests if r["id"] not in done]
+    lengths = {}
+
+    def prompt_length(prompt):
+        if prompt not in lengths:
+            lengths[prompt] = len(lm.preprocessor.prompt_ids(prompt))
+        return lengths[prompt]
+
+    start = time.perf_counter()
+    with open(output, "a", encoding="utf-8") as out:
+        for batch in batches_by_length(pending, batch_size, prompt_length):
+            images = [to_rgb_array(r["image"], r["id"]) for r in batch]
+            replies = lm.generate(
+                {"images": images, "prompts": [r["prefix"] for r in batch]}, **generate_kwargs
+            )
+            lines = [
+                json.dumps(_result(request, image, reply)) + "\n"
+                for request, image, reply in zip(batch, images, replies)
+            ]
+            out.write("".join(lines))
+            out.flush()
+            os.fsync(out.fileno())
+            if on_batch is not None:
+                on_batch(len(batch))
+    seconds = time.perf_counter() - start
+    return {
+        "predicted": len(pending),
+        "skipped": len(requests) - len(pending),
+        "seconds": seconds,
+        "examples_per_second": len(pending) / seconds if seconds > 0 else 0.0,
+    }
+
+
+def _result(request, image, reply):
+    result = {**request, "prediction": reply}
+    if request["prefix"].startswith(("detect", "segment")):
+        result["objects"] = [
+            {
+                "box": [round(float(v), 2) for v in o["box"]],
+                "label": o["label"],
+                **({"codes": o["codes"]} if "codes" in o else {}),
+            }
+            for o in parse_detections(reply, image.shape[:2])
+        ]
+    return result

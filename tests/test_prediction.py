@@ -1,0 +1,131 @@
+"""Prediction over a data set: batches by prompt length giving what single
+calls give, results appended per batch, resumed runs that write each id
+once, bad requests explained."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from keras_paligemma2 import PaliGemma2CausalLM
+from keras_paligemma2.apps import prediction
+from keras_paligemma2.apps import shapes
+from keras_paligemma2.apps.cli import main
+from keras_paligemma2.utils.errors import InputError
+
+TOKENS = dict(max_new_tokens=24)  # a detection with its label
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return PaliGemma2CausalLM.from_preset("pg2_tiny_shapes")
+
+
+@pytest.fixture
+def requests_file(tmp_path):
+    """Eight scenes with questions of several lengths (detection among them)."""
+    examples = shapes.training_examples(8, seed=21)
+    (tmp_path / "img").mkdir()
+    with open(tmp_path / "requests.jsonl", "w") as f:
+        for i, (image, prompt) in enumerate(zip(examples["images"], examples["prompts"])):
+            PIL.Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
+            f.write(json.dumps({"id": f"scene-{i}", "image": f"img/{i}.png", "prefix": prompt}))
+            f.write("\n")
+    return tmp_path / "requests.jsonl"
+
+
+def _lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_predict_gives_what_single_generate_calls_give(lm, requests_file, tmp_path):
+    requests = prediction.read_requests(requests_file)
+    assert len({len(lm.preprocessor.prompt_ids(r["prefix"])) for r in requests}) > 1
+    assert any(r["prefix"].startswith("detect") for r in requests)
+    output = tmp_path / "out.jsonl"
+    summary = prediction.predict(lm, requests, output, batch_size=4, **TOKENS)
+    assert summary["predicted"] == 8 and summary["skipped"] == 0
+    results = _lines(output)
+    assert sorted(r["id"] for r in results) == sorted(r["id"] for r in requests)
+    lengths = [len(lm.preprocessor.prompt_ids(r["prefix"])) for r in results]
+    assert lengths == sorted(lengths)  # bucketed by prompt length
+    found = []
+    for result in results:
+        image = np.asarray(PIL.Image.open(result["image"]))
+        alone = lm.generate({"images": image, "prompts": result["prefix"]}, **TOKENS)
+        assert result["prediction"] == alone, result["id"]
+        if result["prefix"].startswith("detect"):
+            assert len(result["objects"]) == result["prediction"].count("<loc") // 4
+            for obj in result["objects"]:
+                assert 0 <= obj["box"][0] < obj["box"][2] <= image.shape[0] and obj["label"]
+            found += result["objects"]
+    assert found  # the tiny model finds its shapes, in pixels
+
+
+def test_a_stopped_run_resumes_and_writes_each_id_once(lm, requests_file, tmp_path):
+    requests = prediction.read_requests(requests_file)
+    whole = tmp_path / "whole.jsonl"
+    prediction.predict(lm, requests, whole, batch_size=3, **TOKENS)
+
+    class Stopped(Exception):
+        pass
+
+    def stop(count):
+        raise Stopped
+
+    resumed = tmp_path / "resumed.jsonl"
+    with pytest.raises(Stopped):
+        prediction.predict(lm, requests, resumed, batch_size=3, on_batch=stop, **TOKENS)
+    assert len(_lines(resumed)) == 3  # the first batch was written before the stop
+    with open(resumed, "a") as f:
+        f.write('{"id": "scene-7", "predic')  # a write cut short
+    summary = prediction.predict(lm, requests, resumed, batch_size=3, **TOKENS)
+    assert summary == {**summary, "predicted": 5, "skipped": 3}
+    assert _lines(resumed) == _lines(whole)  # same lines, same order
+    assert prediction.predict(lm, requests, resumed, batch_size=3)["predicted"] == 0
+
+
+def test_bad_requests_are_explained(requests_file, tmp_path):
+    lines = open(requests_file).read().splitlines()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(lines[0] + "\n" + lines[0] + "\n")
+    with pytest.raises(InputError, match="appears twice"):
+        prediction.read_requests(broken)
+    no_id = json.loads(lines[0])
+    del no_id["id"]
+    broken.write_text(json.dumps(no_id) + "\n")
+    with pytest.raises(InputError, match="no 'id'"):
+        prediction.read_requests(broken)
+    with pytest.raises(InputError, match="not both"):
+        prediction.read_requests(requests_file, str(tmp_path / "img" / "*.png"), "caption en")
+    with pytest.raises(InputError, match="needs the prompt"):
+        prediction.read_requests(image_glob=str(tmp_path / "img" / "*.png"))
+    with pytest.raises(InputError, match="No image files"):
+        prediction.read_requests(image_glob=str(tmp_path / "none" / "*.png"), prompt="ocr")
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"name": "not a result"}\n')
+    with pytest.raises(InputError, match="line 1 is not a result"):
+        prediction.written_ids(foreign)
+
+
+def test_predict_command_over_an_image_glob_resumes(requests_file, tmp_path, capsys):
+    output = tmp_path / "results" / "captions.jsonl"
+    command = [
+        "predict",
+        "--images",
+        str(tmp_path / "img" / "*.png"),
+        "--prompt",
+        "caption en",
+        "--output",
+        str(output),
+        "--max-new-tokens",
+        "8",
+    ]
+    assert main(command) == 0
+    results = _lines(output)
+    assert [r["id"] for r in results] == sorted(str(p) for p in (tmp_path / "img").glob("*.png"))
+    assert all(r["prefix"] == "caption en" and r["prediction"] for r in results)
+    assert "8 predicted" in capsys.readouterr().out
+    assert main(command) == 0
+    assert "0 predicted" in capsys.readouterr().out and len(_lines(output)) == 8
