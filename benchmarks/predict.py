@@ -68,7 +68,8 @@ def main():
         start = time.perf_counter()
         alone = single_calls(lm, requests)
         looped = time.perf_counter() - start
-        written = {r["id"]: r["prediction"] for r in map(json.loads, open(root / "out.jsonl"))}
+        with open(root / "out.jsonl") as f:
+            written = {r["id"]: r["prediction"] for r in map(json.loads, f)}
     same = sum(written[i] == alone[i] for i in alone)
     n = len(requests)
     print(

@@ -36,7 +36,8 @@ def requests_file(tmp_path):
 
 
 def _lines(path):
-    return [json.loads(line) for line in open(path)]
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_predict_gives_what_single_generate_calls_give(lm, requests_file, tmp_path):
@@ -87,7 +88,7 @@ def test_a_stopped_run_resumes_and_writes_each_id_once(lm, requests_file, tmp_pa
 
 
 def test_bad_requests_are_explained(requests_file, tmp_path):
-    lines = open(requests_file).read().splitlines()
+    lines = requests_file.read_text().splitlines()
     broken = tmp_path / "broken.jsonl"
     broken.write_text(lines[0] + "\n" + lines[0] + "\n")
     with pytest.raises(InputError, match="appears twice"):

@@ -437,6 +437,20 @@ def _convert(args):
     from keras_paligemma2.models.causal_lm import PaliGemma2CausalLM
 
     destination = os.path.abspath(args.destination)
+    if args.to == "big_vision":
+        if not destination.endswith(".npz"):
+            raise UserError(f"A big_vision checkpoint is an .npz file; got {args.destination!r}.")
+        if os.path.exists(destination) and not args.overwrite:
+            raise UserError(f"{args.destination} exists; pass --overwrite to replace it.")
+        overrides = {"dtype": args.dtype} if args.dtype else {}
+        lm = PaliGemma2CausalLM.from_preset(args.source, source=args.from_source, **overrides)
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        lm.save_to_big_vision(destination)
+        print(
+            f"Wrote {destination}: a big_vision checkpoint in "
+            f"{lm.backbone.dtype_policy.name} (paligemma.load reads it)."
+        )
+        return
     if os.path.exists(destination) and os.listdir(destination) and not args.overwrite:
         raise UserError(
             f"{args.destination} exists and is not empty; pass --overwrite to "
@@ -742,6 +756,12 @@ def build_parser():
         help="split weight files above this many GB (default 2)",
     )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    convert.add_argument(
+        "--to",
+        choices=["keras", "big_vision"],
+        default="keras",
+        help="keras (default): a Keras preset directory; big_vision: a big_vision .npz file",
+    )
     convert.set_defaults(run=_convert)
 
     plan = commands.add_parser(

@@ -7,12 +7,16 @@ big_vision's: no sliding window, no final soft-cap on scoring logits.
 """
 
 import re
+import zipfile
 
+import ml_dtypes
 import numpy as np
 
 from keras_paligemma2.checkpoints import presets
 from keras_paligemma2.checkpoints.assignment import Rule
 from keras_paligemma2.checkpoints.assignment import layer_slice
+from keras_paligemma2.utils.errors import InputError
+from keras_paligemma2.utils.files import atomic_file
 from keras_paligemma2.utils.tensor_files import CheckpointError
 
 VIT = "img/Transformer/encoderblock/"
@@ -220,3 +224,94 @@ def infer_config(tensors, source_name):
     if size is not None:
         config["query_pre_attn_scalar"] = presets.DECODERS[size]["query_pre_attn_scalar"]
     return config
+
+
+def write_checkpoint(backbone, path):
+    """Writes `backbone` as a big_vision checkpoint `.npz`: `params/` keys,
+    layers stacked on a leading axis, key/value and gate/up packed as
+    `paligemma.load` reads them (the inverse of `rules`), bfloat16 as
+    2-byte void (as the released `.b16.npz` files). Each stacked tensor is
+    written one layer slice at a time (the host holds one layer's tensor,
+    not the model), to a temporary file renamed into place when complete.
+    LoRA adapters are folded in as `merge_lora` folds them; the model is
+    left unchanged.
+
+    Args:
+        backbone: a float `PaliGemma2Backbone` (a quantised one is refused:
+            big_vision has no integer kernels).
+        path: str or path-like, the `.npz` to write.
+    """
+    quantised = [layer.path for layer in backbone._flatten_layers() if layer.quantization_mode]
+    if quantised:
+        raise InputError(
+            f"big_vision checkpoints hold float weights; {quantised[0]} and "
+            f"{len(quantised) - 1} more layers are quantised: export the float model, then "
+            "quantise where you load it."
+        )
+    value = _float_values(backbone)
+    config = backbone.get_config()
+    # (big_vision key, number of layers or None for an unstacked tensor,
+    # the tensor of layer i)
+    members = [
+        (
+            theirs,
+            None,
+            lambda i, ours=ours: value(ours)[None] if "position" in ours else value(ours),
+        )
+        for ours, theirs in TOP_LEVEL
+    ]
+    for ours, theirs in VIT_BLOCK:
+        members.append(
+            (
+                VIT + theirs,
+                config["vit_num_layers"],
+                lambda i, ours=ours: value(f"vision_encoder/block_{i}/{ours}"),
+            )
+        )
+    packed = {}
+    for ours, theirs, _ in DECODER_BLOCK:
+        packed.setdefault(theirs, []).append(ours)
+    for theirs, parts in packed.items():
+
+        def layer(i, parts=parts):
+            arrays = [value(f"decoder_block_{i}/{ours}") for ours in parts]
+            return np.stack(arrays) if len(arrays) > 1 else arrays[0]
+
+        members.append((LLM + theirs, config["num_layers"], layer))
+    with atomic_file(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+        for key, layers, make in members:
+            _write_member(archive, "params/" + key, layers, make)
+
+
+def _float_values(backbone):
+    """Path -> numpy value, read when asked (a LoRA layer's kernel merged)."""
+    variables = {v.path: v for v in backbone.weights}
+    adapted = {
+        layer.path + "/kernel": layer
+        for layer in backbone._flatten_layers()
+        if getattr(layer, "lora_enabled", False)
+    }
+
+    def value(path):
+        if path in adapted:
+            # Keras' `kernel` property: base + (A @ B) * alpha / rank.
+            return np.asarray(adapted[path].kernel).astype(variables[path].dtype)
+        return np.asarray(variables[path].value)
+
+    return value
+
+
+def _write_member(archive, name, layers, make):
+    """One `.npy` member: `make(0)` alone (`layers` None), or `make(i)` for
+    each of `layers` layers stacked on a new leading axis, each written to
+    the archive before the next is made."""
+    first = make(0)
+    shape = first.shape if layers is None else (layers, *first.shape)
+    stored = np.dtype("V2") if first.dtype == ml_dtypes.bfloat16 else first.dtype
+    header = {"descr": np.lib.format.dtype_to_descr(stored), "fortran_order": False, "shape": shape}
+    with archive.open(name + ".npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, header)
+        member.write(np.ascontiguousarray(first).view(stored).tobytes())
+        del first
+        for i in range(1, layers or 1):
+            member.write(np.ascontiguousarray(make(i)).view(stored).tobytes())

@@ -10,6 +10,7 @@ import keras_hub
 import numpy as np
 from keras import ops
 
+from keras_paligemma2.checkpoints import big_vision
 from keras_paligemma2.checkpoints import load_backbone
 from keras_paligemma2.checkpoints import presets
 from keras_paligemma2.layers import projections
@@ -555,6 +556,16 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
         setup = lora.training_setup(self)
         del setup["quantized_layers"]
         return setup
+
+    def save_to_big_vision(self, path):
+        """Writes a big_vision checkpoint `.npz` (the layout `paligemma.load`
+        reads; bfloat16 as the released `.b16.npz`), one layer slice at a
+        time, atomically; LoRA adapters folded in, the model unchanged.
+
+        Args:
+            path: str or path-like, the `.npz` file to write.
+        """
+        big_vision.write_checkpoint(self, path)
 
     def save_to_preset(self, preset_dir, max_shard_size=DEFAULT_MAX_SHARD_SIZE_GB):
         """Writes a Keras preset directory that `from_preset` loads back exactly.

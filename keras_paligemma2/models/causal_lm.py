@@ -1015,6 +1015,15 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         validate_backbone_inputs(inputs, self.backbone.image_size, self.backbone.num_images)
         return super().__call__(inputs, *args, **kwargs)
 
+    def save_to_big_vision(self, path):
+        """The backbone's `save_to_big_vision`: a big_vision `.npz`, LoRA
+        folded in (the tokenizer is big_vision's own, not written).
+
+        Args:
+            path: str or path-like, the `.npz` file to write.
+        """
+        self.backbone.save_to_big_vision(path)
+
     def save_to_preset(self, preset_dir, max_shard_size=DEFAULT_MAX_SHARD_SIZE_GB):
         """Writes the task (backbone, preprocessor, tokenizer assets) as a
         Keras preset, atomically, as `PaliGemma2Backbone.save_to_preset`.
