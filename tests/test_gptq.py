@@ -63,9 +63,12 @@ def test_gptq_matrix_equals_keras_own(options):
 def _gptq_lm():
     lm = PaliGemma2CausalLM.from_preset("pg2_tiny_shapes")
     config = keras.quantizers.GPTQConfig(
-        dataset=_batches(64, seed=1), tokenizer=None, weight_bits=4, group_size=32
+        dataset=_batches(32, seed=1), tokenizer=None, weight_bits=4, group_size=32
     )
-    lm.quantize("gptq", config=config, quantize_vision=True)
+    # The decoder alone, to keep the suite's time: its query / key / value
+    # are the kernels Keras misreads (benchmarks/quantised_accuracy.py runs
+    # the ViT too).
+    lm.quantize("gptq", config=config, quantize_vision=False)
     return lm
 
 
@@ -87,8 +90,11 @@ def test_gptq_reads_kernel_layouts_keeps_accuracy_beats_rounding_and_saves(tmp_p
     # is then off by about its own size, not by 4-bit rounding.
     want, got = _projections(float_lm), _projections(gptq_lm)
     assert got["decoder_block_0/attention/query"].quantization_mode == "gptq"
+    assert got["vision_encoder/block_0/attention/query"].quantization_mode is None
     rng = np.random.default_rng(0)
     for path, layer in got.items():
+        if not path.startswith("decoder_block"):
+            continue
         assert layer.is_gptq_calibrated, path
         float_layer = want[path]
         contracted = (
@@ -101,7 +107,7 @@ def test_gptq_reads_kernel_layouts_keeps_accuracy_beats_rounding_and_saves(tmp_p
         assert error < 0.2, (path, error)
 
     # Accuracy: 16 held-out scenes, greedy; on 300
-    # (benchmarks/quantised_accuracy.py) GPTQ 4-bit everywhere moved no
+    # (benchmarks/quantised_accuracy.py) GPTQ 4-bit in the decoder moved no
     # metric by more than the bound below.
     scenes = dict(count=16, seed=10_000)
     float_scores = shapes.evaluate(float_lm, **scenes)
@@ -115,7 +121,11 @@ def test_gptq_reads_kernel_layouts_keeps_accuracy_beats_rounding_and_saves(tmp_p
     held = shapes.training_examples(32, seed=2)
     inputs = float_lm.preprocessor({key: held[key] for key in RAW})[0]
     reference = np.asarray(float_lm.backbone(inputs))
-    float_lm.quantize("int4", config=keras.quantizers.Int4QuantizationConfig(block_size=32))
+    float_lm.quantize(
+        "int4",
+        config=keras.quantizers.Int4QuantizationConfig(block_size=32),
+        quantize_vision=False,
+    )
 
     def error(lm):
         return np.abs(np.asarray(lm.backbone(inputs)) - reference).mean()
