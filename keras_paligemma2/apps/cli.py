@@ -88,6 +88,7 @@ def _sampling(args):
         top_p=args.top_p,
         seed=args.seed,
         beam_size=args.beam_size,
+        constrain=args.constrain,
     )
 
 
@@ -104,6 +105,11 @@ def _add_sampling_arguments(parser):
     parser.add_argument("--top-p", type=float, help="sample within probability p (nucleus)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--beam-size", type=int, help="beam search with this many beams")
+    parser.add_argument(
+        "--constrain",
+        choices=["task"],
+        help="task: detect / segment replies can only be well-formed objects of the prompt's classes",
+    )
 
 
 class _progress:

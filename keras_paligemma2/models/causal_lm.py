@@ -16,6 +16,8 @@ from keras_paligemma2.checkpoints.presets import GEMMA_VOCABULARY_SIZE
 from keras_paligemma2.layers.vq_vae import MaskDecoder
 from keras_paligemma2.models.backbone import PaliGemma2Backbone
 from keras_paligemma2.models.backbone import validate_backbone_inputs
+from keras_paligemma2.models.constraints import AllowedTokens
+from keras_paligemma2.models.constraints import TaskFormat
 from keras_paligemma2.models.generation import DecodeLoop
 from keras_paligemma2.models.generation import Sampler
 from keras_paligemma2.models.generation import keras_hub_sampling
@@ -136,6 +138,8 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         beam_size=None,
         return_logits=False,
         add_separator=False,
+        allowed_tokens=None,
+        constrain=None,
     ):
         """Decoding after a bidirectional prefill of image + prompt.
 
@@ -188,6 +192,16 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 prompts get a warning when the separator's id is known (a
                 preprocessor's tokenizer, or id 108 of PaliGemma's
                 257,152-token vocabulary).
+            allowed_tokens: None, or the token ids every step may choose from (a list, or a
+                bool mask over the vocabulary): the others' logits are set to -inf before
+                sampling, as big_vision's `mask_logits` (which lists the tokens masked
+                out). The stop tokens stay allowed.
+            constrain: None, or "task": rows whose prompt is `detect a ; b` or `segment a`
+                can only produce what `parse_detections` reads back whole (four `<loc>`
+                with y_max > y_min and x_max > x_min, sixteen `<seg>` for `segment`, one
+                of the prompt's classes, objects joined by " ; ", then `<eos>`), never
+                cut by the token budget; other rows decode freely. Needs the tokenizer
+                and `<eos>` among the stop tokens. Neither option works with beam search.
 
         Rows of a batch may have prompts of different lengths: each gives
         exactly what it gives alone. Prompt lengths are rounded up to a
@@ -273,6 +287,21 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             end = self.preprocessor.tokenizer.end_token_id if self.preprocessor else 1
             stop_token_ids = [end]
         stops = list(stop_token_ids or [])
+        room = np.minimum(budget, int(max_new_tokens))
+        constraint = self._constraint(
+            allowed_tokens,
+            constrain,
+            stops,
+            room,
+            inputs if text else None,
+            token_ids,
+            padding_mask,
+        )
+        if constraint is not None and beam_size is not None:
+            raise InputError(
+                "allowed_tokens / constrain work with greedy decoding and sampling, not with "
+                "beam search; drop beam_size or the constraint."
+            )
         if beam_size is not None:
             if not stops:
                 raise InputError("Beam search needs a stop token (the end of a finished sequence).")
@@ -295,6 +324,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 stops,
                 sampler,
                 step_logits=return_logits,
+                constraint=constraint,
             )
         tokens = np.asarray(tokens)
         mask = _until_stop(tokens, stops)
@@ -318,6 +348,39 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 kept = [t for t in prompt if t != tokenizer.start_token_id] + kept
             texts.append(tokenizer.detokenize(kept) if kept else "")
         return texts[0] if single else texts
+
+    def _constraint(self, allowed_tokens, constrain, stops, room, text_inputs, token_ids, mask):
+        """The `constraints` object generate's arguments ask for, or None."""
+        vocabulary_size = self.backbone.vocabulary_size
+        if allowed_tokens is not None and constrain is not None:
+            raise InputError("Give allowed_tokens or constrain, not both.")
+        if allowed_tokens is not None:
+            return AllowedTokens(allowed_tokens, vocabulary_size, stops)
+        if constrain is None:
+            return None
+        if constrain != "task":
+            raise InputError(f'constrain must be None or "task"; got {constrain!r}.')
+        if self.preprocessor is None:
+            raise InputError(
+                'constrain="task" reads each prompt\'s classes, which needs the tokenizer; '
+                "this model has no preprocessor."
+            )
+        tokenizer = self.preprocessor.tokenizer
+        if tokenizer.end_token_id not in stops:
+            raise InputError(
+                f'constrain="task" ends replies with <eos> (id {tokenizer.end_token_id}), '
+                f"which must be a stop token; stop_token_ids is {stops}."
+            )
+        if text_inputs is not None:
+            prompts = text_inputs["prompts"]
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        else:
+            special = {tokenizer.start_token_id, *tokenizer.separator_ids}
+            prompts = [
+                tokenizer.detokenize([int(t) for t in row[m] if int(t) not in special])
+                for row, m in zip(token_ids, mask)
+            ]
+        return TaskFormat(tokenizer, prompts, room, vocabulary_size)
 
     def _sampling_settings(self, temperature, top_k, top_p, seed, beam_size):
         """generate's sampling arguments, else the compiled sampler's."""

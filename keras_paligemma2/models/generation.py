@@ -21,6 +21,7 @@ import keras_hub
 import numpy as np
 
 from keras_paligemma2.layers.attention import make_attention_mask
+from keras_paligemma2.models.constraints import constrained_logits
 from keras_paligemma2.utils.errors import InputError
 
 PROMPT_BUCKET = 16
@@ -207,6 +208,34 @@ def keras_hub_sampling(sampler):
     )
 
 
+class _Constrained:
+    """A constraint with its traced tables, inside the compiled loop."""
+
+    def __init__(self, constraint, arrays):
+        self.constraint, self.arrays = constraint, arrays
+
+    def initial_state(self, batch):
+        return self.constraint.initial_state(self.arrays, batch)
+
+    def allowed(self, state, index):
+        allowed = self.constraint.allowed(self.arrays, state, index)
+        # A row with nothing left to choose has already ended (its stop token
+        # was chosen): let it pick anything rather than sample from all -inf.
+        return allowed | ~jnp.any(allowed, axis=-1, keepdims=True)
+
+    def advance(self, state, token):
+        return self.constraint.advance(self.arrays, state, token)
+
+
+def _choose(sampler, logits, rng, constrained, rules, index):
+    """(token (B,), the logits it was chosen from, the constraint's next state)."""
+    if not constrained:
+        return sampler(logits, rng), logits, rules
+    logits = constrained_logits(logits, constrained.allowed(rules, index))
+    token = sampler(logits, rng)
+    return token, logits, constrained.advance(rules, token)
+
+
 class DecodeLoop:
     """KV-cache decoding for a `PaliGemma2CausalLM` (one per model).
 
@@ -229,13 +258,15 @@ class DecodeLoop:
         stop_token_ids,
         sampler=None,
         step_logits=False,
+        constraint=None,
     ):
         """Returns (new tokens (B, max_new_tokens), logits).
 
         Tokens after a row's stop token are the pad id 0. The logits are the
         first step's (B, V), or with `step_logits=True` those every step
         chose from (B, max_new_tokens, V), final soft-cap as configured
-        (0 for steps after every row stopped).
+        (0 for steps after every row stopped; -inf where a constraint
+        ruled a token out).
 
         Args:
             images: float (B, S, S, 3) in [-1, 1] (or (B, n, S, S, 3) for n images each).
@@ -245,11 +276,15 @@ class DecodeLoop:
             stop_token_ids: iterable of int; a row stops after sampling one (may be empty).
             sampler: a `Sampler`; None (default) decodes greedily.
             step_logits: bool; True returns every step's logits instead of the first's.
+            constraint: None, or a `constraints.AllowedTokens` / `constraints.TaskFormat`:
+                the tokens each step may choose (the others' logits are -inf before the
+                sampler sees them).
         """
         sampler = sampler or Sampler()
         aligned, valid = right_align(token_ids, padding_mask)
         stop = np.asarray(sorted(set(stop_token_ids)) or [-1], np.int32)
         key = (aligned.shape, int(max_new_tokens), tuple(stop), sampler.key(), bool(step_logits))
+        key += (None if constraint is None else constraint.key(),)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(
                 functools.partial(
@@ -257,19 +292,40 @@ class DecodeLoop:
                     max_new_tokens=int(max_new_tokens),
                     sampler=sampler,
                     step_logits=bool(step_logits),
+                    constraint=constraint,
                 )
             )
         values = [v.value for v in self.backbone.variables]
         rng = jax.random.key(sampler.seed)
-        return self._compiled[key](values, jnp.asarray(images), aligned, valid, stop, rng)
+        arrays = None if constraint is None else constraint.arrays
+        return self._compiled[key](values, jnp.asarray(images), aligned, valid, stop, rng, arrays)
 
     def _generate(
-        self, values, images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits
+        self,
+        values,
+        images,
+        token_ids,
+        valid,
+        stop,
+        rng,
+        arrays,
+        max_new_tokens,
+        sampler,
+        step_logits,
+        constraint,
     ):
         backbone = self.backbone
         with keras.StatelessScope(state_mapping=list(zip(backbone.variables, values))):
             return self._decode(
-                images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits
+                images,
+                token_ids,
+                valid,
+                stop,
+                rng,
+                max_new_tokens,
+                sampler,
+                step_logits,
+                constraint and _Constrained(constraint, arrays),
             )
 
     def _prefill(self, images, token_ids, valid, max_new_tokens):
@@ -370,12 +426,15 @@ class DecodeLoop:
         b = self.backbone
         return {b.is_local_layer(i, b.sliding_window_size) for i in range(b.num_layers)}
 
-    def _decode(self, images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits):
+    def _decode(
+        self, images, token_ids, valid, stop, rng, max_new_tokens, sampler, step_logits, constrained
+    ):
         batch, prompt_len = token_ids.shape
         prefill_len = self.backbone.num_image_tokens + prompt_len
         first_logits, state = self._prefill(images, token_ids, valid, max_new_tokens)
         rng, pick = jax.random.split(rng)
-        token = sampler(first_logits, pick)
+        rules = constrained.initial_state(batch) if constrained else ()
+        token, first_logits, rules = _choose(sampler, first_logits, pick, constrained, rules, 0)
         # Greedy steps skip the final soft-cap (the argmax is the same),
         # unless the logits themselves are returned.
         soft_cap = step_logits or not sampler.greedy
@@ -388,24 +447,26 @@ class DecodeLoop:
         # `token` was just chosen and stored at `index`; a step feeds it,
         # chooses the next and stores it at index + 1: n tokens, n - 1 steps.
         def step(carry):
-            index, token, done, state, output, recorded, rng = carry
+            index, token, done, state, rules, output, recorded, rng = carry
             logits, state = self._extend(token, index, state, prefill_len, soft_cap=soft_cap)
             rng, pick = jax.random.split(rng)
-            next_token = sampler(logits, pick)
+            next_token, logits, rules = _choose(
+                sampler, logits, pick, constrained, rules, index + 1
+            )
             output = output.at[:, index + 1].set(jnp.where(done, 0, next_token))
             if step_logits:
                 recorded = recorded.at[:, index + 1].set(logits.astype(jnp.float32))
             done = done | jnp.isin(next_token, stop)
-            return index + 1, next_token, done, state, output, recorded, rng
+            return index + 1, next_token, done, state, rules, output, recorded, rng
 
         def keep_going(carry):
             index, _, done, *_ = carry
             return (index + 1 < max_new_tokens) & ~jnp.all(done)
 
         output = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
-        carry = (jnp.int32(0), token, jnp.isin(token, stop), state, output, recorded, rng)
+        carry = (jnp.int32(0), token, jnp.isin(token, stop), state, rules, output, recorded, rng)
         carry = jax.lax.while_loop(keep_going, step, carry)
-        return carry[4], carry[5]
+        return carry[5], carry[6]
 
     def beam_search(
         self,
