@@ -132,3 +132,31 @@ def test_predict_command_over_an_image_glob_resumes(requests_file, tmp_path, cap
     assert "8 predicted" in capsys.readouterr().out
     assert main(command) == 0
     assert "0 predicted" in capsys.readouterr().out and len(_lines(output)) == 8
+
+
+def test_evaluate_from_predictions_matches_by_id(lm, tmp_path, capsys):
+    """`predict` writes in prompt-length order; `evaluate --from-predictions` puts each
+    result back with its example and scores what generating would have scored."""
+    examples = shapes.training_examples(10, seed=23, task_weights={"detect": 50.0})
+    (tmp_path / "img").mkdir()
+    data = tmp_path / "detections.jsonl"
+    with open(data, "w") as f:
+        for i, (image, prompt, response) in enumerate(
+            zip(examples["images"], examples["prompts"], examples["responses"])
+        ):
+            PIL.Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
+            line = {"id": 100 - i, "image": f"img/{i}.png", "prefix": prompt, "suffix": response}
+            f.write(json.dumps(line) + "\n")
+    output = tmp_path / "out.jsonl"
+    prediction.predict(lm, prediction.read_requests(data), output, batch_size=4, **TOKENS)
+    assert [r["id"] for r in _lines(output)] != [100 - i for i in range(10)]
+    scores = ["--metric", "coco_map", "--metric", "coco_ap50", "--metric", "box_iou", "--json"]
+    assert main(["evaluate", "--data", str(data), "--from-predictions", str(output), *scores]) == 0
+    read_back = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--data", str(data), "--max-new-tokens", "24", *scores]) == 0
+    generated = json.loads(capsys.readouterr().out)
+    assert read_back == generated and 0 < generated["coco_ap50"] <= 1
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(line + "\n" for line in output.read_text().splitlines()[:7]))
+    assert main(["evaluate", "--data", str(data), "--from-predictions", str(partial)]) != 0
+    assert "3 of 10 examples" in capsys.readouterr().err

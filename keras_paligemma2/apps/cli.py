@@ -348,16 +348,21 @@ def _evaluate(args):
         from keras_paligemma2.layers.vq_vae import MaskDecoder
 
         mask_decoder = MaskDecoder.from_checkpoint(args.mask_decoder)
-    lm = _load(args)
     items = list(zip(data["images"], data["prompts"]))
-    predictions = []
-    with _progress(len(items), "evaluating", quiet=args.json) as bar:
-        for chunk in _batches(items, args.batch_size):
-            predictions += lm.generate(
-                {"images": [c[0] for c in chunk], "prompts": [c[1] for c in chunk]},
-                **_sampling(args),
-            )
-            bar.update(len(chunk))
+    if args.from_predictions:
+        from keras_paligemma2.apps.prediction import read_predictions
+
+        predictions = read_predictions(args.from_predictions, data["ids"], args.data)
+    else:
+        lm = _load(args)
+        predictions = []
+        with _progress(len(items), "evaluating", quiet=args.json) as bar:
+            for chunk in _batches(items, args.batch_size):
+                predictions += lm.generate(
+                    {"images": [c[0] for c in chunk], "prompts": [c[1] for c in chunk]},
+                    **_sampling(args),
+                )
+                bar.update(len(chunk))
     results = {
         m: float(np.mean(evaluation.mask_ious(predictions, true_masks, mask_decoder)))
         if m == "mask_miou"
@@ -691,8 +696,8 @@ def build_parser():
     evaluate = commands.add_parser(
         "evaluate",
         help="score a model on a JSONL data set",
-        description="Generate for every line of a JSONL data set and score against its suffix (or its "
-        "'answers' list).",
+        description="Generate for every line of a JSONL data set (or read what `predict` wrote for "
+        "it, --from-predictions) and score against its suffix (or its 'answers' list).",
     )
     _add_model_arguments(evaluate)
     evaluate.add_argument("--data", required=True, help="JSONL file")
@@ -718,6 +723,11 @@ def build_parser():
     _add_sampling_arguments(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--predictions", help="also write every prediction to this JSON file")
+    evaluate.add_argument(
+        "--from-predictions",
+        help="score the results `predict` wrote to this JSONL file (matched to --data by 'id') "
+        "instead of generating; no model is loaded",
+    )
     evaluate.add_argument("--json", action="store_true", help="print the scores as JSON")
     evaluate.set_defaults(run=_evaluate)
 

@@ -93,6 +93,43 @@ def written_ids(output):
     return ids
 
 
+def read_predictions(output, ids, data_path="the data"):
+    """The predictions `predict` wrote to `output`, in the order of `ids`.
+
+    Args:
+        output: str or path-like, a results file of `predict`.
+        ids: list of the data set's ids (its lines' "id"), one per example.
+        data_path: str, the data set's name in error messages.
+
+    Returns:
+        A list of str, one prediction per id.
+    """
+    if any(i is None for i in ids):
+        raise DataError(
+            f"{data_path} has lines without an 'id': predictions are matched to examples by id."
+        )
+    written = {}
+    with open(output, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                result = json.loads(line)
+                written[result["id"]] = result["prediction"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(
+                    f"{output} line {number} is not a result `predict` wrote (an 'id' and a "
+                    "'prediction')."
+                ) from None
+    missing = [i for i in ids if i not in written]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of {len(ids)} examples of {data_path} have no prediction in "
+            f"{output} (e.g. ids {missing[:3]}); run predict on them first (it resumes)."
+        )
+    return [written[i] for i in ids]
+
+
 def batches_by_length(requests, batch_size, prompt_length):
     """Requests in batches of up to `batch_size` of similar prompt length:
     ordered by length, then by their order in `requests` (the same order
