@@ -469,6 +469,14 @@ def _convert(args):
         )
     overrides = {"dtype": args.dtype} if args.dtype else {}
     lm = PaliGemma2CausalLM.from_preset(args.source, source=args.from_source, **overrides)
+    if args.to == "transformers":
+        lm.save_to_transformers(destination, max_shard_size=args.max_shard_size)
+        print(
+            f"Wrote {destination}: a transformers PaliGemmaForConditionalGeneration in "
+            f"{lm.backbone.dtype_policy.name}"
+            + (" with its tokenizer." if lm.preprocessor is not None else " (no tokenizer).")
+        )
+        return
     lm.save_to_preset(destination, max_shard_size=args.max_shard_size)
     backbone = lm.backbone
     count = backbone.count_params()
@@ -774,9 +782,10 @@ def build_parser():
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     convert.add_argument(
         "--to",
-        choices=["keras", "big_vision"],
+        choices=["keras", "big_vision", "transformers"],
         default="keras",
-        help="keras (default): a Keras preset directory; big_vision: a big_vision .npz file",
+        help="keras (default): a Keras preset directory; big_vision: a big_vision .npz file; "
+        "transformers: a PaliGemmaForConditionalGeneration directory (with its tokenizer)",
     )
     convert.set_defaults(run=_convert)
 

@@ -24,6 +24,7 @@ import numpy as np
 import tqdm
 
 from keras_paligemma2.layers.projections import quantizes_layer
+from keras_paligemma2.utils.errors import InputError
 from keras_paligemma2.utils.keras_internals import base_kernel
 from keras_paligemma2.utils.keras_internals import forget_pending_initialization
 from keras_paligemma2.utils.keras_internals import initialize_variable
@@ -38,6 +39,38 @@ class Rule:
     target: str
     source: str
     convert: Callable[[np.ndarray], np.ndarray] = lambda x: x
+
+
+def float_values(backbone, format_name):
+    """Our variable path -> its float NumPy value, read when asked; a LoRA
+    layer's kernel comes merged, as `merge_lora` merges it (the model is left
+    unchanged). For writing checkpoints of formats without integer kernels.
+
+    Args:
+        backbone: a float `PaliGemma2Backbone` (a quantised one is an InputError).
+        format_name: str, the format being written, for the error message.
+    """
+    quantised = [layer.path for layer in backbone._flatten_layers() if layer.quantization_mode]
+    if quantised:
+        raise InputError(
+            f"{format_name} checkpoints hold float weights; {quantised[0]} and "
+            f"{len(quantised) - 1} more layers are quantised: export the float model, then "
+            "quantise where you load it."
+        )
+    variables = {v.path: v for v in backbone.weights}
+    adapted = {
+        layer.path + "/kernel": layer
+        for layer in backbone._flatten_layers()
+        if getattr(layer, "lora_enabled", False)
+    }
+
+    def value(path):
+        if path in adapted:
+            # Keras' `kernel` property: base + (A @ B) * alpha / rank.
+            return np.asarray(adapted[path].kernel).astype(variables[path].dtype)
+        return np.asarray(variables[path].value)
+
+    return value
 
 
 def layer_slice(index):

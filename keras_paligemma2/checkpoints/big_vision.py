@@ -14,8 +14,8 @@ import numpy as np
 
 from keras_paligemma2.checkpoints import presets
 from keras_paligemma2.checkpoints.assignment import Rule
+from keras_paligemma2.checkpoints.assignment import float_values
 from keras_paligemma2.checkpoints.assignment import layer_slice
-from keras_paligemma2.utils.errors import InputError
 from keras_paligemma2.utils.files import atomic_file
 from keras_paligemma2.utils.tensor_files import CheckpointError
 
@@ -241,14 +241,7 @@ def write_checkpoint(backbone, path):
             big_vision has no integer kernels).
         path: str or path-like, the `.npz` to write.
     """
-    quantised = [layer.path for layer in backbone._flatten_layers() if layer.quantization_mode]
-    if quantised:
-        raise InputError(
-            f"big_vision checkpoints hold float weights; {quantised[0]} and "
-            f"{len(quantised) - 1} more layers are quantised: export the float model, then "
-            "quantise where you load it."
-        )
-    value = _float_values(backbone)
+    value = float_values(backbone, "big_vision")
     config = backbone.get_config()
     # (big_vision key, number of layers or None for an unstacked tensor,
     # the tensor of layer i)
@@ -281,24 +274,6 @@ def write_checkpoint(backbone, path):
     with atomic_file(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
         for key, layers, make in members:
             _write_member(archive, "params/" + key, layers, make)
-
-
-def _float_values(backbone):
-    """Path -> numpy value, read when asked (a LoRA layer's kernel merged)."""
-    variables = {v.path: v for v in backbone.weights}
-    adapted = {
-        layer.path + "/kernel": layer
-        for layer in backbone._flatten_layers()
-        if getattr(layer, "lora_enabled", False)
-    }
-
-    def value(path):
-        if path in adapted:
-            # Keras' `kernel` property: base + (A @ B) * alpha / rank.
-            return np.asarray(adapted[path].kernel).astype(variables[path].dtype)
-        return np.asarray(variables[path].value)
-
-    return value
 
 
 def _write_member(archive, name, layers, make):

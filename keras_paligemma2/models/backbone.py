@@ -11,6 +11,7 @@ import numpy as np
 from keras import ops
 
 from keras_paligemma2.checkpoints import big_vision
+from keras_paligemma2.checkpoints import hf
 from keras_paligemma2.checkpoints import load_backbone
 from keras_paligemma2.checkpoints import presets
 from keras_paligemma2.layers import projections
@@ -566,6 +567,18 @@ class PaliGemma2Backbone(keras_hub.models.Backbone):
             path: str or path-like, the `.npz` file to write.
         """
         big_vision.write_checkpoint(self, path)
+
+    def save_to_transformers(self, directory, max_shard_size=DEFAULT_MAX_SHARD_SIZE_GB):
+        """Writes a transformers `PaliGemmaForConditionalGeneration` directory (config.json
+        with this model's semantics, `.safetensors` with the Hub's key names and padded
+        embedding), one tensor at a time, atomically; LoRA adapters folded in, the model
+        unchanged. No tokenizer: the task's `save_to_transformers` adds it.
+
+        Args:
+            directory: str or path-like, the directory to write (replaced if it exists).
+            max_shard_size: float, the most GB per `.safetensors` file (default 2).
+        """
+        hf.write_checkpoint(self, directory, max_shard_size=max_shard_size)
 
     def save_to_preset(self, preset_dir, max_shard_size=DEFAULT_MAX_SHARD_SIZE_GB):
         """Writes a Keras preset directory that `from_preset` loads back exactly.

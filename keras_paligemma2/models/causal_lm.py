@@ -10,6 +10,7 @@ import keras_hub
 import numpy as np
 from keras import ops
 
+from keras_paligemma2.checkpoints import hf
 from keras_paligemma2.checkpoints import load_task
 from keras_paligemma2.checkpoints.presets import GEMMA_SEPARATOR_ID
 from keras_paligemma2.checkpoints.presets import GEMMA_VOCABULARY_SIZE
@@ -1086,6 +1087,20 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             path: str or path-like, the `.npz` file to write.
         """
         self.backbone.save_to_big_vision(path)
+
+    def save_to_transformers(self, directory, max_shard_size=DEFAULT_MAX_SHARD_SIZE_GB):
+        """Writes a transformers `PaliGemmaForConditionalGeneration` directory that
+        `from_pretrained` (and vLLM / TGI, which read the Hub's layout) load: config.json,
+        `.safetensors` with the Hub's key names, and with a preprocessor the tokenizer and
+        image processor files of `PaliGemmaProcessor`. One tensor at a time, atomically;
+        LoRA adapters folded in, the model unchanged.
+
+        Args:
+            directory: str or path-like, the directory to write (replaced if it exists).
+            max_shard_size: float, the most GB per `.safetensors` file (default 2).
+        """
+        tokenizer = None if self.preprocessor is None else self.preprocessor.tokenizer
+        hf.write_checkpoint(self.backbone, directory, tokenizer, max_shard_size)
 
     def save_to_preset(self, preset_dir, max_shard_size=DEFAULT_MAX_SHARD_SIZE_GB):
         """Writes the task (backbone, preprocessor, tokenizer assets) as a

@@ -248,38 +248,54 @@ def read_safetensors_lazily(path):
     return tensors
 
 
-def write_safetensors(path, tensors):
+def write_safetensors(path, tensors, metadata=None):
     """Writes `{name: array}` as a `.safetensors` file, atomically.
 
     Written to a temporary file beside `path`, flushed, then renamed over
-    it: an interrupted write leaves any previous file untouched.
+    it: an interrupted write leaves any previous file untouched. A
+    `LazyTensor` value is read only when its bytes are written, and dropped
+    after: the header needs only its shape and dtype, so a file of such
+    values is written holding one tensor at a time.
 
     Args:
         path: str or path-like, the file to write.
-        tensors: {name: array-like}; dtypes as in `SAFETENSORS_DTYPES` (else a ValueError).
+        tensors: {name: array-like or `LazyTensor`}; dtypes as in `SAFETENSORS_DTYPES`
+            (else an InputError).
+        metadata: None, or {str: str}, the header's `__metadata__` (transformers reads
+            `{"format": "pt"}` there).
     """
     codes = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
-    header, offset, arrays = {}, 0, []
+    header = {} if metadata is None else {"__metadata__": dict(metadata)}
+    offset, entries = 0, []
     for name, value in tensors.items():
-        array = np.asarray(value)
-        if not array.flags.c_contiguous:
-            array = array.copy(order="C")  # (np.ascontiguousarray makes 0-d 1-d)
-        if array.dtype not in codes:
-            raise InputError(f"Cannot store {name!r} of dtype {array.dtype} in safetensors.")
+        if not isinstance(value, LazyTensor):
+            array = np.asarray(value)
+            value = LazyTensor(array.shape, array.dtype, lambda array=array: array)
+        dtype = np.dtype(value.dtype)
+        if dtype not in codes:
+            raise InputError(f"Cannot store {name!r} of dtype {dtype} in safetensors.")
+        nbytes = int(np.prod(value.shape, dtype=np.int64)) * dtype.itemsize
         header[name] = {
-            "dtype": codes[array.dtype],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
+            "dtype": codes[dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += array.nbytes
-        arrays.append(array)
+        offset += nbytes
+        entries.append((name, value, dtype))
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keeps the data 8-byte aligned
     with atomic_file(path) as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
-        for array in arrays:
-            f.write(array.reshape(-1).view(np.uint8).data)
+        for name, value, dtype in entries:
+            array = np.asarray(value.read())
+            if array.shape != value.shape or array.dtype != dtype:
+                raise InputError(
+                    f"{name!r} was announced as {value.shape} {dtype}, but is "
+                    f"{array.shape} {array.dtype}."
+                )
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+            del array
 
 
 def _by_path(variables):
