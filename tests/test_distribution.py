@@ -217,3 +217,19 @@ def test_fit_on_raw_examples_runs_sharded():
         history = lm.fit(data, batch_size=8, epochs=3, verbose=0)
     losses = history.history["loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_generate_splits_the_batch_over_the_data_axis(reference):
+    x, _, _ = reference["batch"]
+    with keras.distribution.DataParallel(devices=jax.devices()).scope():
+        lm = PaliGemma2CausalLM(PaliGemma2Backbone(**CONFIG))
+        lm.set_weights(reference["weights"])
+        tokens, _ = lm._decode_loop(x["images"], x["token_ids"], x["padding_mask"], 5, [])
+        assert tokens.sharding.spec == jax.sharding.PartitionSpec("batch")
+        np.testing.assert_array_equal(np.asarray(tokens), reference["greedy"])
+        # Six rows do not divide over 8 devices: every device decodes them all.
+        tokens, _ = lm._decode_loop(
+            x["images"][:6], x["token_ids"][:6], x["padding_mask"][:6], 5, []
+        )
+        assert tokens.sharding.is_fully_replicated
+        np.testing.assert_array_equal(np.asarray(tokens), reference["greedy"][:6])

@@ -3,6 +3,11 @@ calls give, results appended per batch, resumed runs that write each id
 once, bad requests explained."""
 
 import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -15,6 +20,7 @@ from keras_paligemma2.apps.cli import main
 from keras_paligemma2.utils.errors import InputError
 
 TOKENS = dict(max_new_tokens=24)  # a detection with its label
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +166,47 @@ def test_evaluate_from_predictions_matches_by_id(lm, tmp_path, capsys):
     partial.write_text("".join(line + "\n" for line in output.read_text().splitlines()[:7]))
     assert main(["evaluate", "--data", str(data), "--from-predictions", str(partial)]) != 0
     assert "3 of 10 examples" in capsys.readouterr().err
+
+
+def test_data_parallel_over_devices_and_processes(lm, requests_file, tmp_path):
+    """Two processes (jax.distributed on localhost) of 2 simulated devices each, every
+    batch split over a process's devices: one merged output, each id once, the answers
+    of one process; ids already in the output are skipped by both."""
+    requests = prediction.read_requests(requests_file)
+    alone = tmp_path / "alone.jsonl"
+    prediction.predict(lm, requests, alone, batch_size=4, **TOKENS)
+    want = {r["id"]: r for r in _lines(alone)}
+    output = tmp_path / "merged.jsonl"
+    first = next(iter(want.values()))
+    output.write_text(json.dumps(first) + "\n")  # already done
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "KERAS_BACKEND": "jax",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    worker = REPO / "tests" / "workers" / "predict_process.py"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(port), str(i), "2", str(requests_file), str(output)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-3000:]
+    summaries = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outs]
+    assert [(s["devices"], s["local"]) for s in summaries] == [(4, 2), (4, 2)]
+    assert sum(s["predicted"] for s in summaries) == 7 and all(s["predicted"] for s in summaries)
+    merged = _lines(output)
+    assert sorted(r["id"] for r in merged) == sorted(want)  # each id once
+    assert {r["id"]: r for r in merged} == want
+    assert sorted(p.name for p in tmp_path.iterdir() if ".part-" in p.name) == []

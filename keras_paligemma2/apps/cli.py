@@ -388,15 +388,30 @@ def _evaluate(args):
 
 
 def _predict(args):
+    import jax
+    import keras
+
     from keras_paligemma2.apps import prediction
 
+    if args.distributed:
+        jax.distributed.initialize()  # the cluster's own settings (Cloud TPU, SLURM, ...)
     requests = prediction.read_requests(args.data, args.images, args.prompt)
     if os.path.dirname(os.path.abspath(args.output)):
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     done = prediction.written_ids(args.output)
     left = sum(r["id"] not in done for r in requests)
-    lm = _load(args) if left else None
-    with _progress(left, "predicting") as bar:
+    if jax.process_count() > 1:
+        left = len(requests)  # other processes' parts are read by predict; all must take part
+    devices = jax.local_devices()
+    split = left and len(devices) > 1 and args.batch_size % len(devices) == 0
+    # Every local device decodes its share of each batch.
+    scope = (
+        keras.distribution.DataParallel(devices=devices).scope()
+        if split
+        else contextlib.nullcontext()
+    )
+    with scope, _progress(left, "predicting") as bar:
+        lm = _load(args) if left else None
         summary = (
             prediction.predict(
                 lm, requests, args.output, args.batch_size, on_batch=bar.update, **_sampling(args)
@@ -405,9 +420,10 @@ def _predict(args):
             else {"predicted": 0, "skipped": len(requests), "seconds": 0.0}
         )
     rate = summary["predicted"] / summary["seconds"] if summary["seconds"] else 0.0
+    where = f" on {len(devices)} devices" if split else ""
     print(
-        f"{summary['predicted']} predicted ({rate:.1f} examples/s), {summary['skipped']} already "
-        f"in {args.output}"
+        f"{summary['predicted']} predicted ({rate:.1f} examples/s{where}), {summary['skipped']} "
+        f"already in {args.output}"
     )
 
 
@@ -753,7 +769,17 @@ def build_parser():
     predict.add_argument("--prompt", help="the prompt for every --images file")
     predict.add_argument("--output", required=True, help="JSONL file of results (appended to)")
     predict.add_argument(
-        "--batch-size", type=int, default=16, help="examples per generate call (default 16)"
+        "--batch-size",
+        type=int,
+        default=16,
+        help="examples per generate call (default 16); split over the local devices when it "
+        "divides by their number",
+    )
+    predict.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first: each process of the job decodes its "
+        "share, and the results are merged into --output",
     )
     _add_sampling_arguments(predict)
     predict.set_defaults(run=_predict)

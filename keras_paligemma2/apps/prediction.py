@@ -18,6 +18,10 @@ import json
 import os
 import time
 
+import jax
+from jax.experimental import multihost_utils
+
+from keras_paligemma2.models.generation import data_parallel_size
 from keras_paligemma2.models.task_outputs import parse_detections
 from keras_paligemma2.preprocessing.image_converter import to_rgb_array
 from keras_paligemma2.utils.errors import InputError
@@ -64,12 +68,14 @@ def read_requests(path=None, image_glob=None, prompt=None):
     ]
 
 
-def written_ids(output):
+def written_ids(output, repair=True):
     """The ids already in `output`; a last line cut short (a run stopped in
-    the middle of a write) is removed from the file first.
+    the middle of a write) is removed from the file first (or, with
+    `repair=False`, only left out).
 
     Args:
         output: str or path-like, the results file; it may not exist yet.
+        repair: bool; False leaves the file alone (another process's part file).
     """
     output = os.fspath(output)
     if not os.path.exists(output):
@@ -77,7 +83,7 @@ def written_ids(output):
     with open(output, "rb") as f:
         content = f.read()
     complete = content[: content.rfind(b"\n") + 1]
-    if len(complete) != len(content):
+    if len(complete) != len(content) and repair:
         with open(output, "r+b") as f:
             f.truncate(len(complete))
     ids = set()
@@ -155,6 +161,16 @@ def predict(lm, requests, output, batch_size=16, on_batch=None, **generate_kwarg
     y_max, x_max in the image's pixels) and `label` (plus `codes`, the 16
     `<seg>` ids, for segmentation).
 
+    Data-parallel: under a Keras distribution with a batch axis (e.g.
+    `keras.distribution.DataParallel(devices=jax.local_devices())`, set before
+    the model is loaded) each batch is split over its devices, the last
+    one padded to a multiple of them. Under `jax.distributed` with several
+    processes, each process decodes every `process_count`-th batch into its
+    own part file `output.part-P-of-N` (resumable alone), and once all are
+    done process 0 appends the parts to `output` and removes them: one merged
+    file, each id once. Every process must see the same `output` path
+    (shared storage) and call this with the same requests.
+
     Args:
         lm: a `PaliGemma2CausalLM` with its preprocessor.
         requests: list of `{"id", "image", "prefix"}` (`read_requests`).
@@ -167,9 +183,18 @@ def predict(lm, requests, output, batch_size=16, on_batch=None, **generate_kwarg
             `temperature`, ...).
 
     Returns:
-        dict: `predicted` and `skipped` counts, `seconds`, `examples_per_second`.
+        dict: `predicted` (by this process) and `skipped` counts, `seconds`,
+        `examples_per_second`.
     """
-    done = written_ids(output)
+    output = os.fspath(output)
+    index, count = jax.process_index(), jax.process_count()
+    own = output if count == 1 else f"{output}.part-{index:05d}-of-{count:05d}"
+    done = written_ids(output) | written_ids(own)
+    for part in _parts(output, count):
+        if part != own:
+            done |= written_ids(part, repair=False)
+    if count > 1:  # every process has read what is done before any writes
+        multihost_utils.sync_global_devices("keras_paligemma2 predict: read")
     pending = [r for r in requests if r["id"] not in done]
     lengths = {}
 
@@ -178,13 +203,19 @@ def predict(lm, requests, output, batch_size=16, on_batch=None, **generate_kwarg
             lengths[prompt] = len(lm.preprocessor.prompt_ids(prompt))
         return lengths[prompt]
 
+    ways = data_parallel_size()
+    batches = batches_by_length(pending, batch_size, prompt_length)[index::count]
     start = time.perf_counter()
-    with open(output, "a", encoding="utf-8") as out:
-        for batch in batches_by_length(pending, batch_size, prompt_length):
+    with open(own, "a", encoding="utf-8") as out:
+        for batch in batches:
             images = [to_rgb_array(r["image"], r["id"]) for r in batch]
+            prompts = [r["prefix"] for r in batch]
+            # Rows past the batch (copies of its last) make it divide over the devices.
+            extra = -len(batch) % ways
             replies = lm.generate(
-                {"images": images, "prompts": [r["prefix"] for r in batch]}, **generate_kwargs
-            )
+                {"images": images + images[-1:] * extra, "prompts": prompts + prompts[-1:] * extra},
+                **generate_kwargs,
+            )[: len(batch)]
             lines = [
                 json.dumps(_result(request, image, reply)) + "\n"
                 for request, image, reply in zip(batch, images, replies)
@@ -195,12 +226,42 @@ def predict(lm, requests, output, batch_size=16, on_batch=None, **generate_kwarg
             if on_batch is not None:
                 on_batch(len(batch))
     seconds = time.perf_counter() - start
+    predicted = sum(len(b) for b in batches)
+    if count > 1:
+        multihost_utils.sync_global_devices("keras_paligemma2 predict: written")
+        if index == 0:
+            _merge(output, _parts(output, count))
+        multihost_utils.sync_global_devices("keras_paligemma2 predict: merged")
     return {
-        "predicted": len(pending),
+        "predicted": predicted,
         "skipped": len(requests) - len(pending),
         "seconds": seconds,
-        "examples_per_second": len(pending) / seconds if seconds > 0 else 0.0,
+        "examples_per_second": predicted / seconds if seconds > 0 else 0.0,
     }
+
+
+def _parts(output, count):
+    return [f"{output}.part-{i:05d}-of-{count:05d}" for i in range(count)] if count > 1 else []
+
+
+def _merge(output, parts):
+    """Appends the parts' results to `output` (those not already there, in part order),
+    synced, then removes the parts: a crash in between leaves parts a rerun merges again."""
+    present = written_ids(output)
+    with open(output, "a", encoding="utf-8") as out:
+        for part in parts:
+            if not os.path.exists(part):
+                continue
+            written_ids(part)  # drops a line cut short
+            with open(part, encoding="utf-8") as f:
+                lines = [line for line in f if line.strip()]
+            out.write("".join(line for line in lines if json.loads(line)["id"] not in present))
+            out.flush()
+            os.fsync(out.fileno())
+            present |= {json.loads(line)["id"] for line in lines}
+    for part in parts:
+        if os.path.exists(part):
+            os.remove(part)
 
 
 def _result(request, image, reply):

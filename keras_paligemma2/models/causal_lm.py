@@ -5,9 +5,11 @@ import inspect
 import sys
 import warnings
 
+import jax
 import keras
 import keras_hub
 import numpy as np
+from jax.experimental import multihost_utils
 from keras import ops
 
 from keras_paligemma2.checkpoints import hf
@@ -327,7 +329,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 step_logits=return_logits,
                 constraint=constraint,
             )
-        tokens = np.asarray(tokens)
+        tokens = _to_host(tokens)
         mask = _until_stop(tokens, stops)
         mask[np.arange(tokens.shape[1])[None] >= budget[:, None]] = 0
         tokens = np.where(mask, tokens, 0)  # nothing past a row's stop or its room
@@ -338,7 +340,7 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
                 out = _prompt_and_completion(token_ids, padding_mask, tokens, mask, width)
             out["images"] = features["images"]
             if return_logits:
-                out["logits"] = np.asarray(logits)
+                out["logits"] = _to_host(logits)
             return out
         texts = []
         tokenizer = self.preprocessor.tokenizer
@@ -1158,6 +1160,14 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             quantize_vision=quantize_vision,
             **overrides,
         )
+
+
+def _to_host(array):
+    """A NumPy copy of `array`, gathered from every process when it spans several (a
+    mesh over several hosts: each holds only its devices' rows)."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)
 
 
 def _is_raw(x):

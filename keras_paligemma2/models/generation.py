@@ -208,6 +208,46 @@ def keras_hub_sampling(sampler):
     )
 
 
+def data_parallel_size():
+    """How many ways the Keras distribution in force splits a batch (the size of its
+    batch axis); 1 without one."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    mesh = distribution.device_mesh
+    axis = getattr(distribution, "batch_dim_name", None)
+    return mesh.shape[mesh.axis_names.index(axis)] if axis in mesh.axis_names else 1
+
+
+def split_batch(arrays):
+    """`arrays` (a pytree of host arrays with the batch first) placed split over the batch
+    axis of the Keras distribution in force, so that decoding runs data-parallel (rows
+    never meet, so each device decodes its rows alone); unchanged when there is none, it
+    has no batch axis, or the batch does not divide over it (then every device decodes
+    the whole batch). Scalars and arrays of another leading size are replicated.
+
+    Args:
+        arrays: a pytree of NumPy arrays (or None leaves).
+    """
+    leaves = [x for x in jax.tree.leaves(arrays) if np.ndim(x)]
+    ways = data_parallel_size()
+    if ways == 1 or not leaves or np.shape(leaves[0])[0] % ways:
+        return arrays
+    batch = np.shape(leaves[0])[0]
+    distribution = keras.distribution.distribution()
+    mesh = distribution.device_mesh.backend_mesh
+    split = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(distribution.batch_dim_name)
+    )
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        x = np.asarray(x)
+        return jax.device_put(x, split if x.ndim and x.shape[0] == batch else whole)
+
+    return jax.tree.map(place, arrays)
+
+
 class _Constrained:
     """A constraint with its traced tables, inside the compiled loop."""
 
@@ -298,7 +338,8 @@ class DecodeLoop:
         values = [v.value for v in self.backbone.variables]
         rng = jax.random.key(sampler.seed)
         arrays = None if constraint is None else constraint.arrays
-        return self._compiled[key](values, jnp.asarray(images), aligned, valid, stop, rng, arrays)
+        images, aligned, valid, arrays = split_batch((images, aligned, valid, arrays))
+        return self._compiled[key](values, images, aligned, valid, stop, rng, arrays)
 
     def _generate(
         self,
