@@ -95,6 +95,30 @@ def test_ragged_greedy_decode_equals_big_vision_at_every_step(models, reference,
     assert (out["token_ids"][1, 9:] == 0).all()
 
 
+def test_allowed_tokens_equal_big_vision_mask_logits(models, reference):
+    """big_vision's decode with `batch["mask_logits"]` (the tokens of its own greedy
+    output masked out, so every step must choose otherwise): `allowed_tokens` is the
+    complement, and gives big_vision's tokens and, where allowed, its step logits."""
+    masked = reference["greedy_mask_logits"]
+    vocabulary = models["capon"].backbone.vocabulary_size
+    allowed = np.setdiff1d(np.arange(vocabulary), masked)
+    out = models["capon"].generate(
+        _prompts(reference),
+        max_new_tokens=12,
+        return_logits=True,
+        strip_prompt=True,
+        allowed_tokens=allowed,
+    )
+    want = reference["greedy_masked_tokens"]
+    np.testing.assert_array_equal(out["token_ids"], want)
+    assert not np.isin(want, masked).any()
+    assert (want != reference["greedy_capon_tokens"]).any(axis=1).all()
+    assert np.isneginf(out["logits"][..., masked]).all()
+    assert_logits_close(
+        out["logits"][..., allowed], reference["greedy_masked_step_logits"][..., allowed]
+    )
+
+
 @pytest.mark.parametrize("row", [0, 1, 2])
 def test_each_row_alone_equals_big_vision_alone(models, reference, row):
     out = models["capon"].generate(
