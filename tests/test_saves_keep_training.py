@@ -88,6 +88,7 @@ def test_training_checkpoint_keeps_the_setup(tmp_path):
     checkpoint = TrainingCheckpoint(tmp_path / "run")
     checkpoint.set_model(lm)
     checkpoint.on_epoch_end(0, {"loss": 1.0})
+    checkpoint.wait()  # written in the background
 
     fresh = tiny_lm(seed=1, **ONE_LAYER)  # other weights, no adapters
     resumed = TrainingCheckpoint(tmp_path / "run")

@@ -1,6 +1,7 @@
 """Training: loss, fit on raw examples, LoRA, freezing, remat, accumulation, resume."""
 
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -19,6 +20,7 @@ from keras_paligemma2.training.callbacks import TrainingCheckpoint
 from keras_paligemma2.training.losses import ResponseCrossEntropy
 from keras_paligemma2.training.optimizers import big_vision_optimizer
 from keras_paligemma2.training.optimizers import big_vision_schedule
+from keras_paligemma2.utils.errors import InputError
 from keras_paligemma2.utils.tensor_files import CheckpointError
 
 WORDS = [
@@ -539,15 +541,60 @@ def test_interrupted_fit_resumes_to_the_same_weights(tokenizer_proto, tmp_path):
         assert_close(got[path], value, ulps=4, err_msg=path)
 
 
-class _DivergeAfterFirstEpoch(keras.callbacks.Callback):
-    def __init__(self, state_path):
+class _StopAtBatch(keras.callbacks.Callback):
+    def __init__(self, at):
         super().__init__()
-        self.state_path = state_path
+        self.at, self.seen = at, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_in_the_middle_of_an_epoch(tokenizer_proto, tmp_path):
+    """Orbax checkpoints every 2 batches and at epoch ends, the newest 2 kept; stopped
+    in epoch 2, the resumed run takes that epoch's next batch and ends with the
+    uninterrupted run's weights. A save a crash left half-written is ignored."""
+    data = examples(12)  # 3 batches of 4 per epoch
+
+    def run(callbacks, **kwargs):
+        lm = make_lm(tokenizer_proto, seed=8)
+        lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+        lm.fit(data, batch_size=4, epochs=3, seed=5, verbose=0, callbacks=callbacks, **kwargs)
+        return lm
+
+    straight = _trained_variables(run([]))
+    directory = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run([TrainingCheckpoint(directory, every_n_steps=2, keep=2), _StopAtBatch(5)])
+    # Saved after batches 2 (epoch 1, step 2), 3 (epoch 1's end) and 4 (epoch 2, step 1).
+    assert sorted(os.listdir(directory)) == ["3", "4"]
+    progress = TrainingCheckpoint(directory).progress()
+    assert (progress["epoch"], progress["step"], progress["batches"]) == (1, 1, 4)
+    shutil.copytree(directory / "4", directory / "5.orbax-checkpoint-tmp")  # a crash mid-save
+    (directory / "5.orbax-checkpoint-tmp" / "state" / "_METADATA").unlink()
+    assert TrainingCheckpoint(directory).progress()["batches"] == 4
+    lm = make_lm(tokenizer_proto, seed=8)
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+    arrays = lm.preprocessor({k: v[:4] for k, v in data.items()})
+    with pytest.raises(InputError, match="middle of epoch 2"):
+        lm.fit(*arrays, epochs=3, verbose=0, callbacks=[TrainingCheckpoint(directory)])
+    resumed = run([TrainingCheckpoint(directory, every_n_steps=2, keep=2)])
+    assert TrainingCheckpoint(directory).progress()["epoch"] == 3
+    got = _trained_variables(resumed)
+    for path, value in straight.items():
+        assert_close(got[path], value, ulps=4, err_msg=path)
+
+
+class _DivergeAfterFirstEpoch(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
         self.saved = None
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch == 0:  # runs after the checkpoint callback wrote epoch 1
-            self.saved = self.state_path.read_bytes()
+        if epoch == 0:  # runs after the checkpoint callback saved epoch 1
+            self.saved = _trained_variables(self.model)
             self.model.optimizer.learning_rate.assign(1e30)
 
 
@@ -555,7 +602,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tokenizer_proto, 
     lm = make_lm(tokenizer_proto)
     lm.compile(optimizer=keras.optimizers.SGD(0.01))
     directory = tmp_path / "run"
-    diverge = _DivergeAfterFirstEpoch(directory / "state.safetensors")
+    diverge = _DivergeAfterFirstEpoch()
     with pytest.raises(FloatingPointError, match=r"at epoch 2, step \d"):
         lm.fit(
             examples(8),
@@ -564,9 +611,17 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tokenizer_proto, 
             verbose=0,
             callbacks=[TrainingCheckpoint(directory), diverge],
         )
-    assert (directory / "state.safetensors").read_bytes() == diverge.saved
-    assert TrainingCheckpoint(directory).completed_epochs() == 1
-    assert not [f for f in os.listdir(directory) if "partial" in f or f.endswith(".tmp")]
+    # Epoch 1's end (2 batches) is the only checkpoint; nothing of epoch 2 was saved.
+    assert sorted(os.listdir(directory)) == ["2"]
+    assert TrainingCheckpoint(directory).progress()["epoch"] == 1
+    fresh = make_lm(tokenizer_proto)
+    fresh.compile(optimizer=keras.optimizers.SGD(0.0))
+    # Restores; no epoch is left to train.
+    fresh.fit(
+        examples(8), batch_size=4, epochs=1, verbose=0, callbacks=[TrainingCheckpoint(directory)]
+    )
+    for path, value in diverge.saved.items():
+        np.testing.assert_array_equal(_trained_variables(fresh)[path], value, path)
 
 
 def test_bad_training_input_is_explained(tokenizer_proto):

@@ -290,7 +290,7 @@ def _finetune(args):
     lm.compile(optimizer=big_vision_optimizer(steps, learning_rate=args.learning_rate))
     callbacks = []
     if args.checkpoint_dir:
-        callbacks.append(TrainingCheckpoint(args.checkpoint_dir))
+        callbacks.append(TrainingCheckpoint(args.checkpoint_dir, args.checkpoint_every))
     examples = {k: data[k] for k in ("images", "prompts", "responses")}
     keras.utils.set_random_seed(args.seed)
     history = lm.fit(
@@ -710,6 +710,11 @@ def build_parser():
     )
     finetune.add_argument(
         "--checkpoint-dir", help="checkpoint every epoch here; a rerun resumes from it"
+    )
+    finetune.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="with --checkpoint-dir, also checkpoint every N batches (a rerun resumes mid-epoch)",
     )
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument(

@@ -32,6 +32,7 @@ from keras_paligemma2.preprocessing.preprocessor import shift_for_next_token
 from keras_paligemma2.training import lora
 from keras_paligemma2.training.callbacks import EpochOrder
 from keras_paligemma2.training.callbacks import StopOnNonFiniteLoss
+from keras_paligemma2.training.callbacks import TrainingCheckpoint
 from keras_paligemma2.training.data import RawBatches
 from keras_paligemma2.training.data import preprocessed_dataset
 from keras_paligemma2.training.losses import ResponseAccuracy
@@ -926,16 +927,57 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             )
         if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
             callbacks.append(StopOnNonFiniteLoss())
-        return keras.Model.fit(
-            self,
-            x=x,
+        settings = dict(
             y=y,
             batch_size=batch_size,
             shuffle=keras_shuffle,
             validation_data=validation_data,
             callbacks=callbacks,
-            **kwargs,
         )
+        checkpoints = [c for c in callbacks if isinstance(c, TrainingCheckpoint)]
+        try:
+            return self._fit_from_checkpoint(x, settings, checkpoints, kwargs)
+        finally:
+            for checkpoint in checkpoints:
+                checkpoint.wait()  # a save in flight completes, even when fit stops on an error
+
+    def _fit_from_checkpoint(self, x, settings, checkpoints, kwargs):
+        """`keras.Model.fit`, first over the rest of the epoch a checkpoint stopped in."""
+        progress = checkpoints[0].progress() if checkpoints else None
+        if progress is None or not progress["step"]:
+            return keras.Model.fit(self, x=x, **settings, **kwargs)
+        # A checkpoint from the middle of an epoch: that epoch's remaining batches
+        # first, then the epochs after it.
+        if not isinstance(x, RawBatches):
+            raise InputError(
+                f"The checkpoint in {checkpoints[0].directory} was saved in the middle of "
+                f"epoch {progress['epoch'] + 1}, and only raw examples (a dict of images, "
+                "prompts and responses) say where that epoch's next batch is. Resume with "
+                "the raw examples, or from a checkpoint saved at an epoch end."
+            )
+        kwargs = dict(kwargs)
+        epochs, start = kwargs.pop("epochs", 1), int(progress["step"])
+        partial = dict(kwargs)
+        if kwargs.get("steps_per_epoch"):
+            partial["steps_per_epoch"] = kwargs["steps_per_epoch"] - start
+        x.start = start
+        for checkpoint in checkpoints:
+            checkpoint.start = start
+        try:
+            history = keras.Model.fit(
+                self, x=x, epochs=int(progress["epoch"]) + 1, **settings, **partial
+            )
+        finally:
+            x.start = 0
+            for checkpoint in checkpoints:
+                checkpoint.start = 0
+        if epochs <= int(progress["epoch"]) + 1 or self.stop_training:
+            return history
+        rest = keras.Model.fit(self, x=x, epochs=epochs, **settings, **kwargs)
+        for key, values in history.history.items():
+            rest.history[key] = values + rest.history.get(key, [])
+        rest.epoch = history.epoch + rest.epoch
+        return rest
 
     def evaluate(self, x=None, y=None, batch_size=None, **kwargs):
         """`keras.Model.evaluate`, taking raw examples as `fit` does.

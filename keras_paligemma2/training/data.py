@@ -58,11 +58,16 @@ class RawBatches(keras.utils.PyDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.start = 0  # batches of the epoch to skip (a resumed epoch)
 
-    def __len__(self):
+    def epoch_length(self):
+        """Batches in a whole epoch."""
         if self.shuffle:
             return max(self.count // self.batch_size, 1)
         return math.ceil(self.count / self.batch_size)
+
+    def __len__(self):
+        return self.epoch_length() - self.start
 
     def order(self, epoch):
         """The example order of `epoch` (computed once per epoch).
@@ -81,6 +86,7 @@ class RawBatches(keras.utils.PyDataset):
         return self._order[1]
 
     def __getitem__(self, index):
+        index += self.start
         rows = self.order(self.epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         batch = {k: _take(self.examples[k], rows) for k in ("images", "prompts", "responses")}
         try:
