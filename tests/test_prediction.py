@@ -168,6 +168,7 @@ def test_evaluate_from_predictions_matches_by_id(lm, tmp_path, capsys):
     assert "3 of 10 examples" in capsys.readouterr().err
 
 
+@pytest.mark.multiprocess
 def test_data_parallel_over_devices_and_processes(lm, requests_file, tmp_path):
     """Two processes (jax.distributed on localhost) of 2 simulated devices each, every
     batch split over a process's devices: one merged output, each id once, the answers

@@ -7,6 +7,7 @@ big_vision's: no sliding window, no final soft-cap on scoring logits.
 """
 
 import re
+import warnings
 import zipfile
 
 import ml_dtypes
@@ -226,6 +227,28 @@ def infer_config(tensors, source_name):
     return config
 
 
+def _warn_of_lost_semantics(config):
+    """A big_vision `.npz` holds weights only; what this model computes that big_vision's
+    PaliGemma recipes (and our loading of such a file) do not is said, not dropped silently."""
+    lost = []
+    if config["final_logit_soft_cap"]:
+        lost.append(
+            f"the final logit soft-cap {config['final_logit_soft_cap']} (big_vision's recipes: none)"
+        )
+    if config["sliding_window_size"] is not None:
+        lost.append(f"the sliding window {config['sliding_window_size']} (big_vision: none)")
+    if config["attention_logit_soft_cap"] != 50.0:
+        lost.append(f"the attention soft-cap {config['attention_logit_soft_cap']} (big_vision: 50)")
+    if lost:
+        warnings.warn(
+            "A big_vision checkpoint carries no configuration, so this model's "
+            + "; ".join(lost)
+            + " is not in the file: big_vision, and from_preset on the file, compute without "
+            "it. Export to transformers or a Keras preset to keep it.",
+            stacklevel=3,
+        )
+
+
 def write_checkpoint(backbone, path):
     """Writes `backbone` as a big_vision checkpoint `.npz`: `params/` keys,
     layers stacked on a leading axis, key/value and gate/up packed as
@@ -243,6 +266,7 @@ def write_checkpoint(backbone, path):
     """
     value = float_values(backbone, "big_vision")
     config = backbone.get_config()
+    _warn_of_lost_semantics(config)
     # (big_vision key, number of layers or None for an unstacked tensor,
     # the tensor of layer i)
     members = [

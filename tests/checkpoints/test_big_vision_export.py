@@ -1,8 +1,12 @@
 """Export to big_vision's `.npz`: the inverse of loading one, LoRA folded
 in, refused for quantised models, and from the command line."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
+from helpers import assert_close
 
 from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
@@ -54,3 +58,33 @@ def test_quantised_models_and_wrong_names_are_refused(fixtures_dir, tmp_path, ca
     with np.load(source) as want, np.load(out) as got:
         assert sorted(got.files) == sorted(want.files)
     assert main(["convert", source, str(out), "--to", "big_vision"]) == 2  # no overwrite
+
+
+def test_big_vision_reads_the_export_as_we_compute(fixtures_dir, tmp_path):
+    """`tests/fixtures/bv_export` (tests/fixtures/gen/big_vision_export.py):
+    big_vision's own `paligemma.load` read pg2_tiny_shapes exported by
+    `save_to_big_vision`, and its training forward gave these logits."""
+    info = json.loads((fixtures_dir / "bv_export" / "versions.json").read_text())
+    reference = np.load(fixtures_dir / "bv_export" / "reference.npz")
+    path = tmp_path / "pg2_tiny_shapes.npz"
+    with pytest.warns(UserWarning, match=r"final logit soft-cap 30.0 .* not in the file"):
+        PaliGemma2CausalLM.from_preset("pg2_tiny_shapes").save_to_big_vision(path)
+    # The reference is about exactly the bytes exported now.
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == info["exported_npz_sha256"]
+    lm = PaliGemma2CausalLM.from_preset(path)  # big_vision's semantics: no final soft-cap
+    valid = reference["mask_input"]
+    logits = np.asarray(
+        lm(
+            {
+                "images": reference["images"],
+                "token_ids": reference["text"],
+                "padding_mask": valid.astype("int32"),
+                "response_mask": reference["mask_ar"] * valid,
+            }
+        )
+    )
+    # Two float32 programs (4 + 4 layers, sums of up to 768 terms) in other
+    # orders; big_vision's own rows alone vs its ragged batch differ by 7e-6
+    # (8 ulps of its largest logit, 15.4). Measured: 9.5e-6 (10 ulps). 64 ulps
+    # as the other big_vision logit comparisons (test_big_vision.py).
+    assert_close(logits[valid], reference["logits"][valid], ulps=64)
