@@ -1,6 +1,7 @@
 """Training: loss, fit on raw examples, LoRA, freezing, remat, accumulation, resume."""
 
 import os
+import pathlib
 import shutil
 
 import keras
@@ -676,3 +677,34 @@ def test_fit_takes_a_list_of_differently_sized_images(tokenizer_proto):
             epochs=1,
             verbose=0,
         )
+
+
+@pytest.mark.multiprocess
+def test_a_crash_while_committing_a_checkpoint_resumes_from_the_one_before(tmp_path):
+    """A process killed (SIGKILL) as Orbax commits step 5 (tests/workers/crash_mid_save.py):
+    step 4 stays the newest checkpoint, and resuming from it ends with the weights of a
+    run never interrupted."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    worker = pathlib.Path(__file__).parent / "workers" / "crash_mid_save.py"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join([str(worker.parents[2]), env.get("PYTHONPATH", "")])
+    directory = tmp_path / "run"
+    crashed = subprocess.run(
+        [sys.executable, str(worker), str(directory), "5"],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert crashed.returncode == -9, crashed.stderr[-3000:]
+    assert [p.name for p in directory.iterdir() if "tmp" in p.name]  # step 5, half committed
+    assert TrainingCheckpoint(directory).progress()["batches"] == 4
+    spec = importlib.util.spec_from_file_location("crash_mid_save", worker)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    resumed = module.train(directory)
+    straight = module.train()
+    for path, value in straight.items():
+        assert_close(resumed[path], value, ulps=4, err_msg=path)
