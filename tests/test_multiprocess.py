@@ -1,7 +1,7 @@
 """Several processes (jax.distributed on localhost, CPU collectives): 2 processes x 4
 simulated devices give what 1 process x 8 gives (tests/workers/sharded_run.py): a
 sharded checkpoint load, greedy generate, two fit steps and an Orbax checkpoint saved
-(each process its shards) and restored. Marked `multiprocess` (a separate command)."""
+(each process its shards) and restored; two fit steps on raw examples. Marked `multiprocess` (a separate command)."""
 
 import os
 import pathlib
@@ -64,3 +64,9 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
         restored = "restored/" + key.split("/", 1)[1]
         np.testing.assert_array_equal(two[restored], two[key], err_msg=key)
         np.testing.assert_array_equal(one[restored], one[key], err_msg=key)
+    # Raw examples: each process makes its share of every batch (not the whole of it).
+    assert one["raw_first_batch"].shape[0] == 4
+    np.testing.assert_array_equal(two["raw_first_batch"], one["raw_first_batch"])
+    np.testing.assert_allclose(two["raw_losses"], one["raw_losses"], rtol=1e-6)
+    for key in [k for k in one.files if k.startswith("raw/")]:
+        assert_close(two[key], one[key], ulps=256, err_msg=key)

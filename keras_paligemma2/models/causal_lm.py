@@ -935,6 +935,9 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
             callbacks=callbacks,
         )
         checkpoints = [c for c in callbacks if isinstance(c, TrainingCheckpoint)]
+        distribution = keras.distribution.distribution()
+        if isinstance(x, RawBatches) and distribution is not None and jax.process_count() > 1:
+            distribution.auto_shard_dataset = False  # RawBatches makes each process's share
         try:
             return self._fit_from_checkpoint(x, settings, checkpoints, kwargs)
         finally:

@@ -5,6 +5,7 @@ import io
 import math
 import os
 
+import jax
 import keras
 import numpy as np
 import PIL.Image
@@ -20,8 +21,9 @@ class RawBatches(keras.utils.PyDataset):
     `prompts` and `responses` (lists of strings). Each epoch visits the
     examples in an order drawn from `seed` and the epoch number alone (set
     by the `EpochOrder` callback that `fit` adds), so batch `i` of epoch `e`
-    is the same in every run, a resumed one included. The last incomplete
-    batch is dropped when shuffling. Batches are made in order, in the
+    is the same in every run, a resumed one included. Under `jax.distributed`
+    every process holds the same examples and makes its own share of each
+    (global) batch. The last incomplete batch is dropped when shuffling. Batches are made in order, in the
     training thread (`workers=1`), so none is made before its epoch is set.
 
     Args:
@@ -29,7 +31,8 @@ class RawBatches(keras.utils.PyDataset):
             `(x, y, sample_weight)`.
         examples: dict of `images`, `prompts` and `responses`, one entry per
             example (a ValueError if lengths differ, keys lack or it is empty).
-        batch_size: int, examples per batch (default 32; None also gives 32).
+        batch_size: int, examples per (global) batch (default 32; None also
+            gives 32), a multiple of the number of processes.
         shuffle: bool (default True); False keeps the given order and the
             last, smaller batch.
         seed: int (default 0), with the epoch number, the shuffle order.
@@ -55,6 +58,18 @@ class RawBatches(keras.utils.PyDataset):
         if self.count == 0:
             raise InputError("No training examples given.")
         self.batch_size = int(batch_size or 32)
+        if self.batch_size % jax.process_count():
+            raise InputError(
+                f"batch_size {self.batch_size} must divide by the number of processes "
+                f"({jax.process_count()}): each makes an equal share of every batch."
+            )
+        last = self.count % self.batch_size
+        if not shuffle and last % jax.process_count():
+            raise InputError(
+                f"The last batch ({last} of {self.count} examples) does not divide among "
+                f"{jax.process_count()} processes; drop or add examples, or shuffle "
+                "(which drops the last incomplete batch)."
+            )
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
@@ -88,6 +103,12 @@ class RawBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         index += self.start
         rows = self.order(self.epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        processes = jax.process_count()
+        if processes > 1:
+            # Each process makes its own share of the global batch (what Keras'
+            # multi-process `fit` takes from each).
+            share = len(rows) // processes
+            rows = rows[jax.process_index() * share : (jax.process_index() + 1) * share]
         batch = {k: _take(self.examples[k], rows) for k in ("images", "prompts", "responses")}
         try:
             return _preprocess(self.preprocessor, batch)

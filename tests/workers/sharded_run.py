@@ -6,7 +6,8 @@
 
 Loads the bv_tiny checkpoint sharded (FSDP), decodes greedily, takes two SGD steps
 through `fit` with a TrainingCheckpoint (Orbax, each process writing its shards) and
-restores that checkpoint into a fresh sharded model. Process 0 writes what it saw to
+restores that checkpoint into a fresh sharded model; then fits a tiny model with a
+tokenizer on raw examples (each process its share of each batch). Process 0 writes what it saw to
 OUT_DIR/result.npz: tokens, losses, every variable after training and after restoring
 (gathered from every process).
 """
@@ -22,6 +23,8 @@ process_id, processes = int(process_id), int(processes)
 if processes > 1:
     jax.distributed.initialize(f"localhost:{port}", processes, process_id)
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: helpers
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
@@ -29,6 +32,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from keras_paligemma2 import PaliGemma2Backbone  # noqa: E402
 from keras_paligemma2 import PaliGemma2CausalLM  # noqa: E402
 from keras_paligemma2 import distribution as dist  # noqa: E402
+from keras_paligemma2.training.data import RawBatches  # noqa: E402
 from keras_paligemma2.training.callbacks import TrainingCheckpoint  # noqa: E402
 
 CHECKPOINT = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "bv_tiny" / "tiny_f32.npz"
@@ -40,6 +44,35 @@ def host(value):
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(value, tiled=True))
     return np.asarray(value)
+
+
+def raw_examples_fit():
+    """`fit` on raw examples (a tokenizer's model): every process passes all of them, and
+    `RawBatches` makes each process's share of every batch."""
+    from helpers import WORDS
+    from helpers import tiny_config
+    from helpers import tiny_lm
+    from helpers import tiny_tokenizer
+
+    overrides = dict(vit_num_layers=1, num_layers=1)
+    vocabulary = tiny_tokenizer(WORDS).vocabulary_size()
+    config = tiny_config(vocabulary_size=vocabulary, **overrides)
+    keras.distribution.set_distribution(dist.model_parallel(config, (2, 4), fsdp=True))
+    keras.utils.set_random_seed(0)  # initial values (then replaced) must agree across processes
+    lm = tiny_lm(seed=2, scale=0.2, **overrides)
+    lm.compile(optimizer=keras.optimizers.SGD(0.1))
+    rng = np.random.default_rng(1)
+    data = {
+        "images": rng.integers(0, 256, (8, 28, 28, 3)).astype("uint8"),
+        "prompts": ["caption en", "answer en what colour", "how many", "detect cat"] * 2,
+        "responses": ["a red circle", "green", "two", "cat"] * 2,
+    }
+    history = lm.fit(data, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    # What each process made of the first batch, every process's share side by side.
+    x, _, _ = RawBatches(lm.preprocessor, data, batch_size=4, shuffle=False)[0]
+    first = multihost_utils.process_allgather(x["token_ids"])
+    first = first.reshape(-1, first.shape[-1])
+    return np.asarray(history.history["loss"]), first, {v.path: host(v) for v in lm.variables}
 
 
 def main():
@@ -99,6 +132,7 @@ def main():
     restored.on_train_begin()
     sharded = fresh.backbone.decoder_blocks[0].mlp.gate.kernel.value
     after = {v.path: host(v) for v in fresh.variables}
+    raw_losses, raw_first_batch, raw_trained = raw_examples_fit()
     if process_id == 0:
         np.savez(
             os.path.join(out, "result.npz"),
@@ -108,6 +142,9 @@ def main():
             addressable=len(sharded.addressable_shards),
             **{"trained/" + k: v for k, v in trained.items()},
             **{"restored/" + k: v for k, v in after.items()},
+            raw_losses=raw_losses,
+            raw_first_batch=raw_first_batch,
+            **{"raw/" + k: v for k, v in raw_trained.items()},
         )
 
 
