@@ -32,8 +32,8 @@ from jax.experimental import multihost_utils  # noqa: E402
 from keras_paligemma2 import PaliGemma2Backbone  # noqa: E402
 from keras_paligemma2 import PaliGemma2CausalLM  # noqa: E402
 from keras_paligemma2 import distribution as dist  # noqa: E402
-from keras_paligemma2.training.data import RawBatches  # noqa: E402
 from keras_paligemma2.training.callbacks import TrainingCheckpoint  # noqa: E402
+from keras_paligemma2.training.data import RawBatches  # noqa: E402
 
 CHECKPOINT = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "bv_tiny" / "tiny_f32.npz"
 BATCH, LENGTH = 8, 6
