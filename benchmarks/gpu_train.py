@@ -39,6 +39,7 @@ from benchmarks.gpu_decode import benchmark_config  # noqa: E402
 from keras_paligemma2 import PaliGemma2Backbone  # noqa: E402
 from keras_paligemma2 import PaliGemma2CausalLM  # noqa: E402
 from keras_paligemma2.layers import projections  # noqa: E402
+from keras_paligemma2.utils.keras_internals import forget_pending_initialization  # noqa: E402
 
 PROMPT, RESPONSE = 32, 32
 
@@ -71,6 +72,7 @@ def quantised_backbone(config, mode):
     for layer in probe._flatten_layers():
         if projections.quantizes_layer(layer, quantize_vision=False):
             policies[layer.path] = keras.dtype_policies.get(policy)
+    forget_pending_initialization(probe.variables)  # valueless; never to be initialised
     del probe
     backbone = PaliGemma2Backbone(**config, dtype=policies)
     key = jax.random.key(0)

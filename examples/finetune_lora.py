@@ -58,7 +58,9 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--save", default="leftmost_lora.safetensors")
+    parser.add_argument("--seed", type=int, default=0, help="LoRA initialisation and shuffling")
     args = parser.parse_args(argv)
+    keras.utils.set_random_seed(args.seed)  # the adapters' initial values: the same every run
 
     lm = PaliGemma2CausalLM.from_preset(args.preset)
     train = leftmost_examples(args.train_examples, seed=1)
@@ -74,7 +76,9 @@ def main(argv=None):
     )
     lm.compile(optimizer=keras.optimizers.Adam(args.learning_rate, global_clipnorm=1.0))
     start = time.time()
-    history = lm.fit(train, batch_size=args.batch_size, epochs=args.epochs, verbose=2)
+    history = lm.fit(
+        train, batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, verbose=2
+    )
     after = accuracy(lm, test)
     print(f"after:  {after:.1%} ({time.time() - start:.0f} s of fine-tuning)", flush=True)
     if args.save:

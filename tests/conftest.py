@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pathlib  # noqa: E402
 import zlib  # noqa: E402
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from helpers import TINY_CONFIG  # noqa: E402
@@ -41,11 +42,14 @@ def tiny_config():
 
 @pytest.fixture(autouse=True)
 def _seed_module_rng(request):
-    """A test module's `rng` is reseeded from each test's id before the test:
-    what a test draws does not depend on which tests ran before it in its
-    worker (`-n 2`, any order)."""
+    """A test module's `rng`, and Keras' global seed (what initialisers such as
+    LoRA's draw from when given no seed), are reseeded from each test's id
+    before the test: what a test draws does not depend on which tests ran
+    before it in its worker (`-n 2`, any order)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    keras.utils.set_random_seed(seed % 2**31)
     if hasattr(request.module, "rng"):
-        request.module.rng = np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+        request.module.rng = np.random.default_rng(seed)
 
 
 def pytest_collection_modifyitems(config, items):

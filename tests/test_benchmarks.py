@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+from keras.src.backend.common import global_state
 
 from benchmarks.gpu_train import quantised_backbone
 
@@ -30,7 +31,11 @@ def test_every_benchmark_module_imports_as_part_of_the_package():
 def test_gpu_train_builds_qlora_shapes_without_a_float_decoder(tiny_config):
     # The GPU run's 10B int4 step builds the decoder straight in Keras'
     # quantised form: no float kernel there, the ViT float, values drawn.
+    # The valueless probe it reads layer paths from stays off Keras' list of
+    # variables to initialise (a later scope's exit would draw them).
+    pending = len(global_state.get_global_attribute("uninitialized_variables") or [])
     backbone = quantised_backbone(tiny_config, "int4")
+    assert len(global_state.get_global_attribute("uninitialized_variables") or []) == pending
     modes = {layer.path: layer.quantization_mode for layer in backbone._flatten_layers()}
     assert modes["decoder_block_0/attention/query"] == "int4"
     assert modes["decoder_block_1/mlp/down"] == "int4"

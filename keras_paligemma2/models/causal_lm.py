@@ -936,11 +936,14 @@ class PaliGemma2CausalLM(keras_hub.models.CausalLM):
         )
         checkpoints = [c for c in callbacks if isinstance(c, TrainingCheckpoint)]
         distribution = keras.distribution.distribution()
+        auto_shard = getattr(distribution, "auto_shard_dataset", None)
         if isinstance(x, RawBatches) and distribution is not None and jax.process_count() > 1:
             distribution.auto_shard_dataset = False  # RawBatches makes each process's share
         try:
             return self._fit_from_checkpoint(x, settings, checkpoints, kwargs)
         finally:
+            if auto_shard is not None:
+                distribution.auto_shard_dataset = auto_shard  # the user's setting again
             for checkpoint in checkpoints:
                 checkpoint.wait()  # a save in flight completes, even when fit stops on an error
 

@@ -68,6 +68,7 @@ def raw_examples_fit():
         "responses": ["a red circle", "green", "two", "cat"] * 2,
     }
     history = lm.fit(data, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    assert keras.distribution.distribution().auto_shard_dataset  # left as it was
     # What each process made of the first batch, every process's share side by side.
     x, _, _ = RawBatches(lm.preprocessor, data, batch_size=4, shuffle=False)[0]
     first = multihost_utils.process_allgather(x["token_ids"])
