@@ -20,8 +20,6 @@ from keras_paligemma2 import PaliGemma2Backbone
 from keras_paligemma2 import PaliGemma2CausalLM
 from keras_paligemma2.models.generation import Sampler
 
-rng = np.random.default_rng(0)
-
 
 @pytest.fixture(scope="module")
 def lm():
@@ -147,7 +145,10 @@ def test_top_p_with_k_samples_as_keras_hubs_top_p_sampler():
 
 
 def test_compiled_samplers_map_onto_ours_and_seedless_ones_vary(lm):
-    x = {"images": list(uint8_images(rng, 2)), "prompts": ["caption en", "detect cat"]}
+    x = {
+        "images": list(uint8_images(np.random.default_rng(21), 2)),
+        "prompts": ["caption en", "detect cat"],
+    }
     lm.compile(sampler=keras_hub.samplers.TopKSampler(k=1, seed=5))
     top_1 = lm.generate(x, max_new_tokens=6)
     assert top_1 == lm.generate(x, max_new_tokens=6, temperature=0)  # k=1 is greedy.
@@ -185,7 +186,10 @@ def test_load_model_restores_the_compiled_sampler_and_loss_settings(tmp_path):
     assert restored.loss.normalization == "per_token"
     assert restored.loss.label_smoothing == pytest.approx(0.1)
     assert restored.optimizer.get_config()["global_clipnorm"] == 1.0
-    x = {"images": list(uint8_images(rng, 2)), "prompts": ["caption en", "detect cat"]}
+    x = {
+        "images": list(uint8_images(np.random.default_rng(22), 2)),
+        "prompts": ["caption en", "detect cat"],
+    }
     assert restored.generate(x, max_new_tokens=6) == lm.generate(x, max_new_tokens=6)
 
 
@@ -214,7 +218,10 @@ def test_token_ids_layout_and_the_new_tokens_form(lm):
 
 
 def test_text_with_strip_prompt_false_is_prompt_then_reply(lm):
-    x = {"images": list(uint8_images(rng, 2)), "prompts": ["caption en", "detect cat\n"]}
+    x = {
+        "images": list(uint8_images(np.random.default_rng(23), 2)),
+        "prompts": ["caption en", "detect cat\n"],
+    }
     replies = lm.generate(x, max_new_tokens=5)
     full = lm.generate(x, max_new_tokens=5, strip_prompt=False)
     assert full == ["caption en\n" + replies[0], "detect cat\n" + replies[1]]
@@ -279,7 +286,7 @@ def test_backbone_enable_lora_adapts_what_keras_hubs_does():
     # A and B of query and value in 2 decoder + 2 ViT blocks, and the ViT biases.
     assert len(trainable) == 2 * 8 + 4
     assert {v.path.rsplit("/", 2)[-2] for v in ours.trainable_weights} == {"query", "value"}
-    x = backbone_inputs(rng, vocabulary_size=64)
+    x = backbone_inputs(np.random.default_rng(24), vocabulary_size=64)
     for backbone in (ours, theirs):  # Same adapters, same (zero-initialised B) output.
         for layer in backbone._flatten_layers():
             if getattr(layer, "lora_enabled", False):
@@ -291,7 +298,9 @@ def test_backbone_enable_lora_adapts_what_keras_hubs_does():
 
 
 def test_score_takes_keras_hubs_signature(lm):
-    x = backbone_inputs(rng, vocabulary_size=lm.backbone.vocabulary_size, length=6)
+    x = backbone_inputs(
+        np.random.default_rng(25), vocabulary_size=lm.backbone.vocabulary_size, length=6
+    )
     ids, mask = x["token_ids"], x["padding_mask"].copy()
     mask[1, 4:] = 0
     logits = lm.score(ids, padding_mask=mask, images=x["images"])

@@ -708,3 +708,27 @@ def test_a_crash_while_committing_a_checkpoint_resumes_from_the_one_before(tmp_p
     straight = module.train()
     for path, value in straight.items():
         assert_close(resumed[path], value, ulps=4, err_msg=path)
+
+
+def test_raw_batches_give_each_process_its_share(monkeypatch):
+    # Under jax.distributed every process passes all the raw examples and
+    # makes its own part of each global batch (process 0 the first half).
+    import jax
+
+    from keras_paligemma2.training.data import RawBatches
+
+    examples = {"images": list(range(10)), "prompts": ["p"] * 10, "responses": list("abcdefghij")}
+    alone = RawBatches(lambda batch: batch, examples, batch_size=4, seed=3)
+    want = [alone[i]["responses"] for i in range(len(alone))]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    shares = []
+    for index in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        batches = RawBatches(lambda batch: batch, examples, batch_size=4, seed=3)
+        shares.append([batches[i]["responses"] for i in range(len(batches))])
+    assert [a + b for a, b in zip(*shares)] == want
+    assert all(len(part) == 2 for part in shares[0])
+    with pytest.raises(InputError, match="batch_size 3 must divide by the number of processes"):
+        RawBatches(lambda batch: batch, examples, batch_size=3)
+    with pytest.raises(InputError, match=r"last batch \(1 of 9 examples\)"):
+        RawBatches(lambda batch: batch, {k: v[:9] for k, v in examples.items()}, 4, shuffle=False)

@@ -23,8 +23,9 @@ class RawBatches(keras.utils.PyDataset):
     by the `EpochOrder` callback that `fit` adds), so batch `i` of epoch `e`
     is the same in every run, a resumed one included. Under `jax.distributed`
     every process holds the same examples and makes its own share of each
-    (global) batch. The last incomplete batch is dropped when shuffling. Batches are made in order, in the
-    training thread (`workers=1`), so none is made before its epoch is set.
+    (global) batch. The last incomplete batch is dropped when shuffling.
+    Batches are made in order, in the training thread (`workers=1`), so none
+    is made before its epoch is set.
 
     Args:
         preprocessor: the task's preprocessor, turning a raw batch into
